@@ -1,0 +1,94 @@
+"""Task registry: class names and zero-shot prompt templates per task.
+
+A task is known by a name (``"mnist"``, ``"eurosat"``, ...). Its class names and templates feed the
+zero-shot heads (:mod:`adamerge.models.heads`); its datasets come from a data source. The eight
+standard vision-merging tasks are registered by :mod:`adamerge.data.standard_tasks`; the mini
+benchmark registers its own; users add tasks with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["TaskInfo", "UnknownTaskError", "register_task", "get_task", "list_tasks", "check_tasks"]
+
+
+class UnknownTaskError(KeyError):
+    """A task name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a zero-shot head needs to know about a task.
+
+    Args:
+        name: the task's registry name.
+        classnames: one human-readable name per class, in label order.
+        templates: prompt format strings with one ``{}`` for the class name.
+    """
+
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+_REGISTRY: dict[str, TaskInfo] = {}
+
+
+def register_task(
+    name: str, classnames: Sequence[str], templates: Sequence[str], overwrite: bool = False
+) -> TaskInfo:
+    """Register (or, with ``overwrite=True``, replace) a task and return its :class:`TaskInfo`."""
+    if not name or not isinstance(name, str):
+        raise ValueError("task name must be a non-empty string")
+    if len(classnames) < 2:
+        raise ValueError(f"task {name!r}: need at least 2 class names, got {len(classnames)}")
+    if len(templates) == 0:
+        raise ValueError(f"task {name!r}: need at least one template")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"task {name!r}: template {t!r} must contain exactly one '{{}}'")
+    info = TaskInfo(name, tuple(classnames), tuple(templates))
+    if name in _REGISTRY and not overwrite and _REGISTRY[name] != info:
+        raise ValueError(f"task {name!r} is already registered with other class names or templates")
+    _REGISTRY[name] = info
+    return info
+
+
+def _ensure_standard() -> None:
+    from adamerge.data import standard_tasks  # noqa: F401  (registers on import)
+
+
+def get_task(name: str) -> TaskInfo:
+    """The registered task ``name``; the error lists the known tasks."""
+    _ensure_standard()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_tasks() -> list[str]:
+    _ensure_standard()
+    return sorted(_REGISTRY)
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    """Validate a task list: non-empty, no duplicates, every name registered."""
+    tasks = list(tasks)
+    if not tasks:
+        raise ValueError("empty task list: name at least one task")
+    dup = {t for t in tasks if tasks.count(t) > 1}
+    if dup:
+        raise ValueError(f"task list names {sorted(dup)[0]!r} more than once")
+    for t in tasks:
+        get_task(t)
+    return tasks

@@ -1,0 +1,1 @@
+"""The eight standard vision-merging tasks (class names and templates). Filled in by the models issue."""

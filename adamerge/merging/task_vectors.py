@@ -1,0 +1,186 @@
+"""Task vectors on state dicts.
+
+    τ_k = θ_k − θ_0            (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023,
+                                arXiv 2212.04089)
+
+Every merging method in adamerge is written against these helpers. They share three rules:
+
+* Inputs are never mutated; outputs are new tensors.
+* Two state dicts must have the same keys and shapes; the error names the first offending key and
+  both shapes (a model of another architecture is the usual cause).
+* Only floating-point tensors take part in the arithmetic. Integer / bool buffers (position ids,
+  ``num_batches_tracked``) are passed through from θ_0 untouched. Half and bfloat16 weights are
+  computed in float32 and returned in their own dtype, so ``θ_0 + (θ_k − θ_0)`` round-trips.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+StateDict = Mapping[str, Tensor]
+
+__all__ = [
+    "StateDict",
+    "MergeError",
+    "is_mergeable",
+    "check_compatible",
+    "check_finite",
+    "task_vector",
+    "add_task_vector",
+    "scale",
+    "sum_task_vectors",
+    "linear_combination",
+    "flatten",
+    "unflatten",
+]
+
+
+class MergeError(ValueError):
+    """Raised for inputs that cannot be merged (mismatched keys/shapes, NaN weights, bad ratios)."""
+
+
+def is_mergeable(t: Tensor) -> bool:
+    """True for tensors that take part in merging arithmetic (floating point)."""
+    return torch.is_floating_point(t)
+
+
+def check_compatible(reference: StateDict, other: StateDict, name: str = "state dict") -> None:
+    """Raise :class:`MergeError` unless ``other`` has exactly ``reference``'s keys and shapes.
+
+    Args:
+        reference: the state dict others are checked against (usually θ_0).
+        other: the state dict to check.
+        name: how ``other`` is called in the error message (e.g. the task or file name).
+    """
+    missing = [k for k in reference if k not in other]
+    if missing:
+        raise MergeError(f"{name} is missing key {missing[0]!r} ({len(missing)} missing in all)")
+    extra = [k for k in other if k not in reference]
+    if extra:
+        raise MergeError(f"{name} has unexpected key {extra[0]!r} ({len(extra)} unexpected in all)")
+    for key, ref in reference.items():
+        got = other[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise MergeError(
+                f"{name}: shape mismatch at key {key!r}: expected {tuple(ref.shape)}, got {tuple(got.shape)}"
+            )
+
+
+def check_finite(state: StateDict, name: str = "state dict") -> None:
+    """Raise :class:`MergeError` naming the first key that holds NaN or Inf."""
+    for key, t in state.items():
+        if is_mergeable(t) and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise MergeError(f"{name}: key {key!r} contains {kind} values")
+
+
+def _check_many(states: Sequence[StateDict], what: str) -> None:
+    if len(states) == 0:
+        raise MergeError(f"no {what} given: need at least one")
+    for i, s in enumerate(states[1:], start=1):
+        check_compatible(states[0], s, name=f"{what} {i}")
+
+
+def task_vector(finetuned: StateDict, pretrained: StateDict) -> dict[str, Tensor]:
+    """τ = θ_ft − θ_0 over the floating-point keys (other keys are dropped from the task vector).
+
+    Args:
+        finetuned: the expert's state dict θ_k.
+        pretrained: the pretrained state dict θ_0.
+    """
+    check_compatible(pretrained, finetuned, name="fine-tuned state dict")
+    out: dict[str, Tensor] = {}
+    for key, base in pretrained.items():
+        if not is_mergeable(base):
+            continue
+        ft = finetuned[key]
+        out[key] = (ft.float() - base.float()).to(base.dtype)
+    return out
+
+
+def add_task_vector(pretrained: StateDict, tau: StateDict, coefficient: float = 1.0) -> dict[str, Tensor]:
+    """θ = θ_0 + c·τ. Keys absent from τ and non-float keys are copied from θ_0.
+
+    Args:
+        pretrained: θ_0.
+        tau: a task vector (or merged task vector) over a subset of θ_0's float keys.
+        coefficient: the scale c applied to τ.
+    """
+    unknown = [k for k in tau if k not in pretrained]
+    if unknown:
+        raise MergeError(f"task vector has key {unknown[0]!r} that the pretrained state dict lacks")
+    out: dict[str, Tensor] = {}
+    for key, base in pretrained.items():
+        if key in tau and is_mergeable(base):
+            t = tau[key]
+            if tuple(t.shape) != tuple(base.shape):
+                raise MergeError(
+                    f"shape mismatch at key {key!r}: expected {tuple(base.shape)}, got {tuple(t.shape)}"
+                )
+            out[key] = (base.float() + coefficient * t.float()).to(base.dtype)
+        else:
+            out[key] = base.clone()
+    return out
+
+
+def scale(tau: StateDict, coefficient: float) -> dict[str, Tensor]:
+    """c·τ, computed in float32, returned in τ's dtypes."""
+    return {k: (coefficient * v.float()).to(v.dtype) if is_mergeable(v) else v.clone() for k, v in tau.items()}
+
+
+def linear_combination(states: Sequence[StateDict], weights: Sequence[float]) -> dict[str, Tensor]:
+    """Σ_i w_i·s_i over float keys (non-float keys taken from the first state dict).
+
+    Args:
+        states: state dicts (or task vectors) with identical keys and shapes.
+        weights: one finite weight per state dict.
+    """
+    _check_many(states, "state dict")
+    if len(weights) != len(states):
+        raise MergeError(f"got {len(weights)} weights for {len(states)} state dicts")
+    for w in weights:
+        if not math.isfinite(float(w)):
+            raise MergeError(f"weight {w} is not finite")
+    out: dict[str, Tensor] = {}
+    for key, first in states[0].items():
+        if not is_mergeable(first):
+            out[key] = first.clone()
+            continue
+        acc = torch.zeros_like(first, dtype=torch.float32)
+        for s, w in zip(states, weights):
+            acc.add_(s[key].float(), alpha=float(w))
+        out[key] = acc.to(first.dtype)
+    return out
+
+
+def sum_task_vectors(taus: Sequence[StateDict]) -> dict[str, Tensor]:
+    """Σ_k τ_k."""
+    return linear_combination(taus, [1.0] * len(taus))
+
+
+def flatten(state: StateDict, keys: Iterable[str] | None = None) -> Tensor:
+    """Concatenate the float tensors of ``state`` (in ``keys`` order) into one float32 vector."""
+    keys = list(state) if keys is None else list(keys)
+    parts = [state[k].detach().reshape(-1).float() for k in keys if is_mergeable(state[k])]
+    if not parts:
+        return torch.zeros(0)
+    return torch.cat(parts)
+
+
+def unflatten(vector: Tensor, like: StateDict) -> dict[str, Tensor]:
+    """Inverse of :func:`flatten`: split ``vector`` into ``like``'s float keys, shapes and dtypes."""
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for key, ref in like.items():
+        if not is_mergeable(ref):
+            continue
+        n = ref.numel()
+        out[key] = vector[offset : offset + n].reshape(ref.shape).to(ref.dtype)
+        offset += n
+    if offset != vector.numel():
+        raise MergeError(f"vector has {vector.numel()} entries, state dict needs {offset}")
+    return out

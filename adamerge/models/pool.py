@@ -1,0 +1,125 @@
+"""The model pool: one pretrained image encoder, K experts, and a frozen zero-shot head per task.
+
+Everything downstream (static merges, AdaMerging, WEMoE, Surgery, evaluation) reads models through
+this class, so loaders only have to produce one. Experts are *sources*: a state dict, or a callable
+returning one (loaded on demand and dropped after use), so a pool of 8-20 ViT-B/32 experts streams
+task vectors one at a time instead of holding every full model.
+
+Encoder convention: ``encoder(images) -> features [B, D]`` (open_clip's ``model.visual``, which
+already applies the projection). Head of task k: ``[C_k, D]``, rows L2-normalised. Logits:
+``logit_scale · normalize(features) @ headᵀ`` (:func:`zero_shot_logits`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite, task_vector
+
+ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
+
+__all__ = ["ModelPool", "ExpertSource", "zero_shot_logits", "freeze"]
+
+
+def zero_shot_logits(features: Tensor, head: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """logit_scale · normalize(features) @ headᵀ (head rows already normalised)."""
+    return logit_scale * F.normalize(features, dim=-1) @ head.t().to(features.dtype)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Turn off gradients for every parameter of ``module`` (in place) and return it."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class ModelPool:
+    """A pretrained encoder, expert sources and zero-shot heads, keyed by task name.
+
+    Args:
+        encoder: the pretrained image encoder θ_0 (never modified; copies are made when needed).
+        experts: task name → expert state dict (same keys as ``encoder.state_dict()``) or a
+            zero-argument callable that loads it.
+        heads: task name → zero-shot head ``[num_classes, D]`` with L2-normalised rows.
+        logit_scale: the multiplier applied to cosine similarities (CLIP's ``logit_scale.exp()``).
+        name: a short identifier (model name), used in cache keys and checkpoints.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        experts: Mapping[str, ExpertSource],
+        heads: Mapping[str, Tensor],
+        logit_scale: float = 100.0,
+        name: str = "pool",
+    ) -> None:
+        if len(experts) == 0:
+            raise ValueError("empty expert list: a model pool needs at least one expert")
+        missing = [t for t in experts if t not in heads]
+        if missing:
+            raise ValueError(f"no zero-shot head for task {missing[0]!r}")
+        self.encoder = freeze(encoder.eval())
+        self._experts = dict(experts)
+        self.heads = {t: heads[t].detach() for t in experts}
+        self.logit_scale = float(logit_scale)
+        self.name = name
+        self._pretrained = {k: v.detach() for k, v in encoder.state_dict().items()}
+
+    # ---- tasks ---------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._experts)
+
+    def check_tasks(self, tasks: Sequence[str]) -> list[str]:
+        """Validate that ``tasks`` is a non-empty list of tasks this pool has experts for."""
+        tasks = list(tasks)
+        if not tasks:
+            raise ValueError("empty task list")
+        unknown = [t for t in tasks if t not in self._experts]
+        if unknown:
+            raise ValueError(f"task {unknown[0]!r} has no expert in the pool (pool tasks: {self.tasks})")
+        return tasks
+
+    def head(self, task: str) -> Tensor:
+        self.check_tasks([task])
+        return self.heads[task]
+
+    # ---- weights -------------------------------------------------------------------------
+    def pretrained_state(self) -> dict[str, Tensor]:
+        """A detached copy of θ_0's state dict."""
+        return {k: v.clone() for k, v in self._pretrained.items()}
+
+    def expert_state(self, task: str) -> dict[str, Tensor]:
+        """θ_k for ``task``, loaded from its source and validated against θ_0 (keys, shapes, finite)."""
+        self.check_tasks([task])
+        src = self._experts[task]
+        state = src() if callable(src) else src
+        state = {k: v.detach() for k, v in state.items()}
+        try:
+            check_compatible(self._pretrained, state, name=f"expert {task!r}")
+            check_finite(state, name=f"expert {task!r}")
+        except MergeError as e:
+            raise MergeError(str(e)) from None
+        return state
+
+    def task_vector(self, task: str) -> dict[str, Tensor]:
+        """τ_k = θ_k − θ_0 (float keys only)."""
+        return task_vector(self.expert_state(task), self._pretrained)
+
+    def task_vectors(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        """Stream (task, τ_k) pairs; only one expert is materialised at a time."""
+        for t in self.check_tasks(self.tasks if tasks is None else tasks):
+            yield t, self.task_vector(t)
+
+    def build_encoder(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
+        """A new encoder (deep copy of θ_0's module) with ``state`` loaded strictly, frozen, eval mode."""
+        enc = copy.deepcopy(self.encoder)
+        if state is not None:
+            check_compatible(self._pretrained, state, name="merged state dict")
+            enc.load_state_dict(state, strict=True)
+        return freeze(enc.eval())

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny open_clip models and pools built in the test, in well under a second."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adamerge.models.pool import ModelPool
+
+TINY_VISION = dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0)
+TINY_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+TINY_EMBED = 16
+
+
+def make_tiny_clip(seed: int = 0) -> open_clip.CLIP:
+    """A 2-block ViT CLIP (16x16 images, patch 8) with open_clip's real classes."""
+    torch.manual_seed(seed)
+    return open_clip.CLIP(embed_dim=TINY_EMBED, vision_cfg=TINY_VISION, text_cfg=TINY_TEXT).eval()
+
+
+def make_tiny_pool(num_tasks: int = 3, seed: int = 0, scale: float = 0.05) -> ModelPool:
+    """Pool over a tiny CLIP's visual tower: experts are θ0 + seeded noise, heads random unit rows."""
+    clip = make_tiny_clip(seed)
+    base = clip.visual
+    g = torch.Generator().manual_seed(seed + 1)
+    experts, heads = {}, {}
+    for k in range(num_tasks):
+        task = f"task{k}"
+        experts[task] = {
+            n: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
+            for n, v in base.state_dict().items()
+        }
+        heads[task] = F.normalize(torch.randn(3 + k, TINY_EMBED, generator=g), dim=-1)
+    return ModelPool(base, experts, heads, logit_scale=100.0, name="tiny")
+
+
+@pytest.fixture
+def tiny_clip():
+    return make_tiny_clip()
+
+
+@pytest.fixture
+def tiny_pool():
+    return make_tiny_pool()
