@@ -1,0 +1,176 @@
+"""Results are data: every run writes ``metrics.json`` in its run folder; tables are generated.
+
+A record (written by :func:`write_metrics`)::
+
+    {"method": "Task arithmetic (λ=0.3)", "benchmark": "mini", "seed": 0, "split": "test",
+     "accuracy": {"<task>": 0.93, ...}, "avg": 0.91, ...extra}
+
+Accuracies are fractions in [0, 1]; tables show percentages. ``python -m adamerge.results RUNS_DIR
+--readme README.md`` collects every ``metrics.json`` under RUNS_DIR, averages over seeds (mean ± sd)
+and writes one row per method (first cell the name, a column per task, last column "Avg") between
+the ``<!-- results:start -->`` / ``<!-- results:end -->`` markers of the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "update_readme", "main"]
+
+METRICS_FILE = "metrics.json"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics(
+    run_dir: str | os.PathLike,
+    method: str,
+    accuracy: Mapping[str, float],
+    seed: int | None = None,
+    benchmark: str = "mini",
+    split: str = "test",
+    **extra: Any,
+) -> Path:
+    """Write ``run_dir/metrics.json`` (atomically) and return its path.
+
+    Args:
+        run_dir: the run's folder (created if missing).
+        method: the row name in results tables.
+        accuracy: task → accuracy as a fraction in [0, 1].
+        seed: the benchmark/run seed (rows average over seeds).
+        benchmark: which benchmark the numbers are on (tables are per benchmark).
+        split: the evaluated split.
+        extra: anything else JSON-serialisable (λ, steps, timings ...).
+    """
+    if not accuracy:
+        raise ValueError(f"{method}: no per-task accuracy to write")
+    for task, acc in accuracy.items():
+        if not (isinstance(acc, (int, float)) and math.isfinite(acc) and 0.0 <= acc <= 1.0):
+            raise ValueError(f"{method}: accuracy of task {task!r} is {acc!r}, expected a fraction in [0, 1]")
+    acc = {t: float(a) for t, a in accuracy.items()}
+    record = {
+        "method": method,
+        "benchmark": benchmark,
+        "seed": seed,
+        "split": split,
+        "accuracy": acc,
+        "avg": sum(acc.values()) / len(acc),
+        **extra,
+    }
+    path = Path(run_dir) / METRICS_FILE
+    _atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """Read one metrics file, checking it has the fields tables need (the error names the file)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable metrics JSON ({e})") from None
+    for field in ("method", "accuracy"):
+        if field not in record:
+            raise ValueError(f"{path}: missing field {field!r}")
+    if not isinstance(record["accuracy"], dict) or not record["accuracy"]:
+        raise ValueError(f"{path}: 'accuracy' must be a non-empty task → fraction mapping")
+    return record
+
+
+def collect(root: str | os.PathLike, benchmark: str | None = None) -> list[dict[str, Any]]:
+    """Every metrics record under ``root`` (optionally of one benchmark), in path order."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"no runs folder at {root}")
+    records = [read_metrics(p) for p in sorted(root.rglob(METRICS_FILE))]
+    if benchmark is not None:
+        records = [r for r in records if r.get("benchmark", "mini") == benchmark]
+    return records
+
+
+def _cell(values: Sequence[float]) -> str:
+    pct = [100.0 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
+
+
+def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per method (in first-seen order), a column per task, then "Avg".
+
+    Cells are the mean over the records (seeds) of a method, with ± the sample standard deviation
+    when there is more than one. A method missing a task gets "–" in that column.
+    """
+    if not records:
+        raise ValueError("no metrics records to tabulate")
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+    if tasks is None:
+        tasks = []
+        for r in records:
+            tasks += [t for t in r["accuracy"] if t not in tasks]
+    seeds = sorted({str(r.get("seed")) for r in records})
+    lines = [
+        "| method | " + " | ".join(tasks) + " | Avg |",
+        "|---|" + "---|" * (len(tasks) + 1),
+    ]
+    for method, rs in by_method.items():
+        cells = []
+        for t in tasks:
+            vals = [r["accuracy"][t] for r in rs if t in r["accuracy"]]
+            cells.append(_cell(vals) if vals else "–")
+        avgs = [sum(r["accuracy"][t] for t in tasks if t in r["accuracy"]) / len(tasks) for r in rs
+                if all(t in r["accuracy"] for t in tasks)]
+        cells.append(_cell(avgs) if avgs else "–")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Accuracy (%) on the test split; mean ± sd over seeds {', '.join(seeds)}.")
+    return "\n".join(lines)
+
+
+def update_readme(readme: str | os.PathLike, table: str) -> None:
+    """Replace the text between the results markers of ``readme`` with ``table`` (atomically)."""
+    readme = Path(readme)
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{readme}: no {START} / {END} markers to put the table between")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    _atomic_write_text(readme, f"{head}{START}\n{table}\n{END}{tail}")
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="python -m adamerge.results", description=__doc__.splitlines()[0])
+    p.add_argument("runs", help="folder searched recursively for metrics.json files")
+    p.add_argument("--benchmark", default=None, help="only records of this benchmark")
+    p.add_argument("--readme", default=None, help="write the table between the README's results markers")
+    args = p.parse_args(argv)
+    table = render_table(collect(args.runs, args.benchmark))
+    if args.readme:
+        update_readme(args.readme, table)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

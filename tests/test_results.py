@@ -1,0 +1,50 @@
+import json
+import statistics
+
+import pytest
+
+from adamerge.results import collect, main, read_metrics, render_table, update_readme, write_metrics
+
+
+def test_write_read_and_table_mean_sd(tmp_path):
+    write_metrics(tmp_path / "s0" / "ta", "TA", {"a": 0.5, "b": 0.75}, seed=0)
+    write_metrics(tmp_path / "s1" / "ta", "TA", {"a": 0.7, "b": 0.85}, seed=1)
+    write_metrics(tmp_path / "s0" / "zs", "Zero-shot", {"a": 0.1, "b": 0.2}, seed=0)
+    rec = read_metrics(tmp_path / "s0" / "ta" / "metrics.json")
+    assert rec["avg"] == pytest.approx(0.625)
+    table = render_table(collect(tmp_path))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["method"] == ["a", "b", "Avg"]
+    sd = statistics.stdev([50.0, 70.0])
+    assert rows["TA"][0] == f"60.0 ± {sd:.1f}"
+    assert rows["TA"][2] == f"{statistics.mean([62.5, 77.5]):.1f} ± {statistics.stdev([62.5, 77.5]):.1f}"
+    assert rows["Zero-shot"] == ["10.0", "20.0", "15.0"]
+
+
+def test_readme_markers_replaced_and_cli(tmp_path, capsys):
+    write_metrics(tmp_path / "runs" / "x", "X", {"a": 1.0}, seed=0)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\noutro\n")
+    main([str(tmp_path / "runs"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old" not in text and "| X | 100.0 | 100.0 |" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    no_markers = tmp_path / "R2.md"
+    no_markers.write_text("nothing")
+    with pytest.raises(ValueError, match="markers"):
+        update_readme(no_markers, "t")
+    assert no_markers.read_text() == "nothing"
+
+
+def test_bad_records_are_named(tmp_path):
+    with pytest.raises(ValueError, match="task 'a'"):
+        write_metrics(tmp_path, "M", {"a": 93.0})
+    assert not (tmp_path / "metrics.json").exists()
+    with pytest.raises(ValueError, match="no per-task"):
+        write_metrics(tmp_path, "M", {})
+    bad = tmp_path / "b" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"method": "M"}))
+    with pytest.raises(ValueError, match=r"metrics.json: missing field 'accuracy'"):
+        collect(tmp_path)
