@@ -1,0 +1,37 @@
+"""Static merging methods: pure functions on state dicts (no Lightning).
+
+Every function takes state dicts (``Mapping[str, Tensor]``) and returns a new one; inputs are never
+modified. Float tensors are computed in float32 and returned in their own dtype; other tensors pass
+through from θ_0. Bad input raises :class:`MergeError` naming the problem.
+"""
+
+from adamerge.merging.dare import dare, dare_all
+from adamerge.merging.dispatch import METHODS, merge_pool
+from adamerge.merging.opcm import OPCMerger, opcm_project
+from adamerge.merging.optmerge import optmerge
+from adamerge.merging.pcb import pcb_merge
+from adamerge.merging.task_arithmetic import task_arithmetic
+from adamerge.merging.task_vectors import MergeError, add_task_vector, check_compatible, task_vector
+from adamerge.merging.ties import ties_elect_sign, ties_merge, ties_preprocess, ties_trim
+from adamerge.merging.weight_averaging import weight_average
+
+__all__ = [
+    "MergeError",
+    "task_vector",
+    "add_task_vector",
+    "check_compatible",
+    "weight_average",
+    "task_arithmetic",
+    "ties_trim",
+    "ties_elect_sign",
+    "ties_preprocess",
+    "ties_merge",
+    "dare",
+    "dare_all",
+    "pcb_merge",
+    "OPCMerger",
+    "opcm_project",
+    "optmerge",
+    "merge_pool",
+    "METHODS",
+]

@@ -1,0 +1,50 @@
+"""Task arithmetic.
+
+    θ = θ_0 + λ Σ_k τ_k,        τ_k = θ_k − θ_0,        λ = 0.3 (AdaMerging / Surgery baselines)
+
+Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023, arXiv 2212.04089. With ``dare=p``
+every τ_k is first passed through DARE drop-and-rescale (:mod:`adamerge.merging.dare`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adamerge.merging._common import apply_tau, check_against_pretrained, check_lam, check_taus, float_keys
+from adamerge.merging.dare import dare_all
+from adamerge.merging.task_vectors import StateDict
+
+__all__ = ["task_arithmetic"]
+
+
+def task_arithmetic(
+    pretrained: StateDict,
+    taus: Sequence[StateDict],
+    lam: float = 0.3,
+    dare: float | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """θ_0 + λ Σ_k τ_k, computed in float32 and returned in θ_0's dtypes.
+
+    Args:
+        pretrained: θ_0 (non-float keys and keys absent from the task vectors are copied).
+        taus: the task vectors τ_1..τ_K (same keys and shapes, finite).
+        lam: the scaling coefficient λ >= 0 (0 gives θ_0).
+        dare: if set, the DARE drop rate p in [0, 1) applied to each τ_k before summing.
+        seed: seed of the DARE masks (ignored without ``dare``).
+    """
+    taus = check_taus(taus)
+    check_against_pretrained(pretrained, taus)
+    lam = check_lam(lam)
+    if dare is not None:
+        taus = dare_all(taus, drop=dare, seed=seed)
+    total: dict[str, Tensor] = {}
+    for key in float_keys(taus[0]):
+        acc = torch.zeros(taus[0][key].shape, dtype=torch.float32)
+        for tau in taus:
+            acc.add_(tau[key].float())
+        total[key] = acc
+    return apply_tau(pretrained, total, lam)
