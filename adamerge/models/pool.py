@@ -13,7 +13,9 @@ already applies the projection). Head of task k: ``[C_k, D]``, rows L2-normalise
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +117,18 @@ class ModelPool:
         """Stream (task, τ_k) pairs; only one expert is materialised at a time."""
         for t in self.check_tasks(self.tasks if tasks is None else tasks):
             yield t, self.task_vector(t)
+
+    def export(self, visual_state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+        """Save a merged encoder state dict to ``path`` (``.safetensors`` or ``.pt``), atomically.
+
+        The base pool writes the encoder's state dict only; :class:`~adamerge.models.open_clip_pool.
+        OpenCLIPPool` writes a full open_clip CLIP that ``open_clip.create_model(name, pretrained=path)``
+        loads. Keys, shapes and finiteness are checked first; on error nothing is written.
+        """
+        from adamerge.models.checkpoints import save_state_dict
+
+        check_compatible(self._pretrained, visual_state, name="merged state dict")
+        return save_state_dict(visual_state, path)
 
     def build_encoder(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
         """A new encoder (deep copy of θ_0's module) with ``state`` loaded strictly, frozen, eval mode."""

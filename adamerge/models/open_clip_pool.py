@@ -1,0 +1,209 @@
+"""A :class:`~adamerge.models.pool.ModelPool` over an open_clip CLIP and expert checkpoint files.
+
+θ_0 is ``clip.visual`` of the pretrained model; expert k is read from its file only when a method
+asks for it (``pool.expert_state(k)`` / ``pool.task_vectors()``), so a pool of 8-20 ViT-B/32 experts
+never holds more than one expert in memory. Zero-shot heads come from the text tower and the task
+registry's class names and templates (:mod:`adamerge.models.heads`), cached on disk when
+``cache_dir`` is set.
+
+Use it from YAML::
+
+    model_pool:
+      class_path: adamerge.models.open_clip_pool.OpenCLIPPool
+      init_args:
+        model_name: ViT-B-32
+        pretrained: openai
+        experts: {mnist: ckpts/mnist.safetensors, eurosat: ckpts/eurosat/finetuned.pt}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import open_clip
+from torch import Tensor, nn
+
+from adamerge.data.registry import get_task
+from adamerge.models.checkpoints import CheckpointError, load_visual_state, read_state_dict
+from adamerge.models.export import export_merged
+from adamerge.models.heads import cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
+from adamerge.models.hf_clip import hf_vision_config
+from adamerge.models.pool import ModelPool
+
+__all__ = ["OpenCLIPPool", "ExpertFile", "register_model_config", "load_clip"]
+
+_LOCAL_DIR = "local-dir:"
+
+
+class ExpertFile:
+    """A zero-argument loader of one expert file (what :class:`ModelPool` calls on demand).
+
+    Args:
+        path: the expert checkpoint (file or folder).
+        reference: θ_0's visual state dict (keys, shapes and dtypes to match).
+        allow_pickle: accept pickled files (unpickling runs code from the file).
+    """
+
+    def __init__(self, path: str | os.PathLike, reference: Mapping[str, Tensor], allow_pickle: bool = False):
+        self.path = Path(path)
+        self.reference = reference
+        self.allow_pickle = allow_pickle
+
+    def __call__(self) -> dict[str, Tensor]:
+        return load_visual_state(
+            self.path, reference=self.reference, allow_pickle=self.allow_pickle,
+            projection=self.reference.get("proj"),
+        )
+
+    def __repr__(self) -> str:
+        return f"ExpertFile({str(self.path)!r})"
+
+
+def register_model_config(path: str | os.PathLike) -> str:
+    """Register an open_clip model-config JSON and return its model name (the file's stem)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"open_clip model config not found: {p}")
+    with open(p, encoding="utf-8") as f:
+        cfg = json.load(f)
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        raise ValueError(f"{p}: not an open_clip model config (missing {missing[0]!r})")
+    open_clip.add_model_config(p)
+    return p.stem
+
+
+def load_clip(
+    model_name: str, pretrained: str | None, allow_pickle: bool = False, precision: str = "fp32"
+) -> tuple[nn.Module, object, str]:
+    """(CLIP model, tokenizer, identity string) for an open_clip name and a ``pretrained`` source.
+
+    Args:
+        model_name: open_clip architecture name (``ViT-B-32``) or a registered custom config.
+        pretrained: an open_clip tag (``openai``), a local ``.pt``/``.bin``/``.safetensors`` full CLIP
+            state dict, ``local-dir:DIR`` (open_clip folder with ``open_clip_config.json``; ``model_name``
+            is then ignored), or None for random weights.
+        allow_pickle: accept a pickled local ``pretrained`` file.
+        precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
+    """
+    if pretrained and pretrained.startswith(_LOCAL_DIR):
+        clip = open_clip.create_model(pretrained, precision=precision)
+        return clip.eval(), open_clip.get_tokenizer(pretrained), pretrained
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
+    local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in (
+        ".pt", ".pth", ".bin", ".safetensors"))
+    clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
+    if local:
+        state = read_state_dict(pretrained, allow_pickle=allow_pickle)
+        result = clip.load_state_dict(state, strict=False)
+        bad = list(result.missing_keys) + list(result.unexpected_keys)
+        if bad:
+            kind = "missing" if result.missing_keys else "unexpected"
+            raise CheckpointError(f"{pretrained}: not a full {model_name} CLIP state dict ({kind} key {bad[0]!r})")
+    return clip.eval(), open_clip.get_tokenizer(model_name), f"{model_name}:{pretrained}"
+
+
+class OpenCLIPPool(ModelPool):
+    """Pretrained open_clip CLIP + expert checkpoint files + zero-shot heads from the task registry.
+
+    Args:
+        model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, or the name of ``model_config``).
+        pretrained: open_clip tag (``openai``, ``laion2b_s34b_b79k``), a local full-CLIP
+            ``.pt``/``.bin``/``.safetensors`` file, ``local-dir:DIR``, or None for random weights.
+        experts: task name → expert checkpoint: ``.safetensors``, ``.pt`` (read with
+            ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), or an
+            HF CLIPVisionModel / CLIPModel folder. Task names must be registered.
+        tasks: which experts to use, in order (default: all of ``experts``).
+        allow_pickle: accept pickled checkpoints. Unpickling runs code from the file: trusted files only.
+        cache_dir: folder caching zero-shot heads (None: always recompute).
+        device: where the text tower runs while building heads (weights stay on CPU afterwards).
+        precision: open_clip precision of the pretrained model (``fp32``, ``fp16``, ``bf16``, ...).
+        model_config: path to an open_clip model-config JSON registered before loading (its file
+            stem is its name; ``model_name`` may then be left to that stem).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: str | None,
+        experts: dict[str, str],
+        tasks: list[str] | None = None,
+        allow_pickle: bool = False,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        model_config: str | None = None,
+    ) -> None:
+        if model_config is not None:
+            registered = register_model_config(model_config)
+            model_name = model_name or registered
+        tasks = self._select_tasks(experts, tasks)
+        for t in tasks:
+            if not Path(experts[t]).exists():
+                raise CheckpointError(f"expert for task {t!r}: checkpoint not found: {experts[t]}")
+        clip, tokenizer, identity = load_clip(model_name, pretrained, allow_pickle, precision)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.model_id = text_tower_fingerprint(clip)
+        self.identity = identity
+        heads = self._build_heads(tasks, cache_dir, device)
+        reference = {k: v.detach() for k, v in clip.visual.state_dict().items()}
+        sources = {t: ExpertFile(experts[t], reference, allow_pickle) for t in tasks}
+        self._check_activation(model_name, sources)
+        super().__init__(clip.visual, sources, heads, logit_scale=logit_scale_of(clip), name=model_name)
+
+    @staticmethod
+    def _select_tasks(experts: Mapping[str, str], tasks: list[str] | None) -> list[str]:
+        if not experts:
+            raise ValueError("empty expert list: a model pool needs at least one expert")
+        for t in experts:
+            get_task(t)  # UnknownTaskError naming the task and the known ones
+        tasks = list(experts) if tasks is None else list(tasks)
+        if not tasks:
+            raise ValueError("empty task list")
+        missing = [t for t in tasks if t not in experts]
+        if missing:
+            raise ValueError(f"task {missing[0]!r} has no expert checkpoint (experts: {sorted(experts)})")
+        return tasks
+
+    def _build_heads(self, tasks: list[str], cache_dir: str | None, device: str) -> dict[str, Tensor]:
+        moved = device != "cpu"
+        if moved:
+            self.clip.to(device)
+        try:
+            heads = {}
+            for t in tasks:
+                info = get_task(t)
+                heads[t] = cached_zero_shot_head(
+                    self.clip, self.tokenizer, t, info.classnames, info.templates, cache_dir,
+                    model_id=self.model_id, device=device,
+                )
+        finally:
+            if moved:
+                self.clip.to("cpu")
+        return heads
+
+    @staticmethod
+    def _check_activation(model_name: str, sources: Mapping[str, ExpertFile]) -> None:
+        cfg = open_clip.get_model_config(model_name) or {}
+        quick = bool(cfg.get("quick_gelu", False))
+        for task, src in sources.items():
+            if src.path.is_dir() and (src.path / "config.json").is_file():
+                act = hf_vision_config(src.path).get("hidden_act")
+                if act is not None and (act == "quick_gelu") != quick:
+                    warnings.warn(
+                        f"expert {task!r} ({src.path}) was trained with hidden_act={act!r} but open_clip "
+                        f"model {model_name!r} has quick_gelu={quick}; use the matching config "
+                        "(e.g. ViT-B-32-quickgelu for OpenAI CLIP weights)",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+
+    def export(self, visual_state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
+        """Write the full CLIP (pretrained text tower + ``visual_state``) as safetensors, atomically."""
+        return export_merged(self, visual_state, path)
