@@ -1,0 +1,157 @@
+"""Representation Surgery and SurgeryV2 as a LightningModule, on top of any frozen merged model.
+
+    min_{aligners}  Σ_k  L1( A_k(f_merged(x_k)), f_k(x_k) )                                  (v1)
+    min_{aligners}  Σ_k [ Σ_ℓ L1( mean_tok A_k^ℓ(h_ℓ^merged), mean_tok h_ℓ^k ) + L1(z'_k, f_k(x_k)) ]  (V2)
+
+x_k an unlabeled test batch of task k, f_k its frozen expert, A_k the task's aligners
+(z' = z − up(ReLU(down(z))), :mod:`adamerge.components.surgery`). Yang et al., "Representation
+Surgery for Multi-Task Model Merging", ICML 2024, arXiv 2402.02705; "SurgeryV2", arXiv 2410.14389.
+Adam lr 1e-3, 500 steps, batch 16 per task (the papers' defaults). The merged model is built once
+(a static merge by name, or a merged state-dict file such as an AdaMerging export) and never trained;
+only the aligners are optimised and checkpointed. Logits: the task's frozen zero-shot head on the
+aligned final embedding.
+
+``export`` writes ``learned.safetensors`` (the aligners), ``surgery.json`` (version, rank, widths,
+tasks, base merge) and, unless ``export_merged=False``, ``merged.safetensors`` (the base merged
+encoder, through the pool's exporter) so the run can be evaluated without recomputing the merge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from adamerge.components.surgery import ExpertFeatures, SurgeryModel, alignment_loss, merged_encoder
+from adamerge.models.pool import ModelPool
+from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
+
+__all__ = ["Surgery", "EXPERT_DTYPES"]
+
+EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MODEL_PREFIX = "model."
+
+
+class Surgery(TestTimeSystem):
+    """Per-task aligners pulling a frozen merged model's features toward each expert's (no labels).
+
+    Args:
+        pool: the model pool (pretrained encoder, experts, zero-shot heads).
+        tasks: the tasks to align, in order; default all of the pool's tasks.
+        version: ``"v1"`` (one aligner per task on the final embedding) or ``"v2"`` (one after every
+            transformer block, per token, plus the final embedding).
+        rank: aligner bottleneck width r (16 in the papers for ViT-B; 4 for ViT-L/14 in SurgeryV2).
+        base_merge: the merged model to operate on: a static method name for
+            ``adamerge.merging.merge_pool`` (``task_arithmetic``, ``weight_average``, ``ties``, ``pcb``,
+            ...), a mapping ``{method: ties, keep: 0.2, lam: 0.3}``, or the path of a merged image-encoder
+            state dict (``.safetensors``, e.g. an AdaMerging run's ``merged.safetensors``).
+        expert_dtype: dtype the frozen experts run in: ``float32``, ``bfloat16`` or ``float16``
+            (half the expert memory; ViT-B/32: 350 MB → 175 MB per expert).
+        cache_experts: keep one built expert per task (fast); ``False`` rebuilds each expert from the
+            pool for every batch so only one is in memory at a time.
+        export_merged: also write the base merged encoder to ``merged.safetensors`` at export.
+        optimizer: optimizer for the aligners (default Adam, lr 1e-3).
+        export_dir: if set, aligners, metadata, merged model and ``metrics.json`` go here after fit.
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        tasks: list[str] | None = None,
+        version: str = "v1",
+        rank: int = 16,
+        base_merge: str | dict[str, Any] = "task_arithmetic",
+        expert_dtype: str = "float32",
+        cache_experts: bool = True,
+        export_merged: bool = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(pool, tasks, optimizer, export_dir)
+        if expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype must be one of {sorted(EXPERT_DTYPES)}, got {expert_dtype!r}")
+        if int(rank) < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.base_merge = base_merge
+        self.export_merged = export_merged
+        encoder = merged_encoder(pool, base_merge, self.tasks)
+        self.model = SurgeryModel(encoder, self.tasks, rank=rank, version=version)
+        self.experts = ExpertFeatures(
+            pool, self.tasks, with_blocks=version == "v2", dtype=EXPERT_DTYPES[expert_dtype], cache=cache_experts
+        )
+
+    # ---- forward and loss -------------------------------------------------------------------
+    def task_logits(self, task: str, images: Tensor) -> Tensor:
+        return self.logits(task, self.model(task, images).final)
+
+    def adaptation_loss(self, task: str, images: Tensor) -> Tensor:
+        """L1 between the aligned merged features and the frozen expert's (V2: summed over layers)."""
+        return alignment_loss(self.model(task, images), self.experts(task, images))
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def surgery_metadata(self) -> dict:
+        """Shape-defining settings a checkpoint or export must agree on."""
+        m = self.model
+        return {
+            "version": m.version,
+            "rank": m.rank,
+            "feature_dim": m.feature_dim,
+            "block_width": m.width,
+            "depth": m.depth,
+        }
+
+    def checkpoint_metadata(self) -> dict:
+        meta = super().checkpoint_metadata()
+        meta["surgery"] = self.surgery_metadata()
+        return meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._check_surgery_meta(checkpoint.get("adamerge", {}).get("surgery"), "checkpoint")
+
+    def _check_surgery_meta(self, theirs: dict | None, what: str) -> None:
+        if theirs is None:
+            raise CheckpointMismatchError(f"{what} has no surgery metadata (written by another method?)")
+        for key, mine in self.surgery_metadata().items():
+            if theirs.get(key) != mine:
+                raise CheckpointMismatchError(
+                    f"{what} has surgery {key} {theirs.get(key)!r}, this model has {mine!r} "
+                    "(aligners must match the tasks, version, rank and the backbone's widths)"
+                )
+
+    def load_aligners(self, path: str | os.PathLike) -> None:
+        """Load aligners from an export's ``learned.safetensors``; tasks, depth and widths must match."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"aligner file {path} does not exist")
+        state = load_file(str(path))
+        bad = [k for k in state if not k.startswith(_MODEL_PREFIX)]
+        if bad:
+            raise ValueError(f"{path}: key {bad[0]!r} is not a surgery aligner (expected '{_MODEL_PREFIX}...')")
+        self.model.load_state_dict({k[len(_MODEL_PREFIX) :]: v for k, v in state.items()})
+
+    # ---- export -----------------------------------------------------------------------------
+    def export(self, directory: Path) -> None:
+        """Write ``learned.safetensors`` (aligners), ``surgery.json`` and ``merged.safetensors``."""
+        directory = Path(directory)
+        super().export(directory)
+        info = {
+            **self.surgery_metadata(),
+            "tasks": list(self.tasks),
+            "base_merge": self.base_merge if not isinstance(self.base_merge, os.PathLike) else str(self.base_merge),
+            "trainable_parameters": self.model.trainable_parameter_count(),
+        }
+        (directory / "surgery.json").write_text(json.dumps(info, indent=1))
+        if self.export_merged:
+            state = {k: v.detach().cpu() for k, v in self.model.encoder.state_dict().items()}
+            target = directory / "merged.safetensors"
+            if hasattr(self.pool, "export"):  # OpenCLIPPool: a full CLIP open_clip.create_model loads
+                self.pool.export(state, target)
+            else:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(target))
