@@ -1,0 +1,220 @@
+"""AdaMerging: merging coefficients learned at test time (Yang et al., ICLR 2024, arXiv 2310.02575).
+
+    task-wise:   θ   = θ_0   + Σ_k λ_k   τ_k          (K coefficients)
+    layer-wise:  θ^l = θ_0^l + Σ_k λ_k^l τ_k^l        (one coefficient per tensor l per task k)
+    AdaMerging++: the same over TIES-preprocessed τ_k (trimmed, sign-elected; their sum is TIES "sum")
+
+The merged weights are recomputed every forward pass, differentiably in λ, and the encoder runs
+on them through :func:`torch.func.functional_call`. "Layer" means one floating-point entry of the
+encoder's state dict (158 for open_clip's ViT-B/32 visual tower), as in the official code.
+
+Storage (what makes a checkpoint kilobytes): the encoder is a deep copy whose parameters have been
+turned into *non-persistent buffers* (:func:`freeze_as_buffers`) — they hold θ_0, move with
+``.to(device)``, never require grad and never reach ``state_dict``. The K task vectors are stacked
+into one flat non-persistent buffer ``[K, N]`` (float32, or bfloat16 to halve memory). The only
+parameter, and the only entry of ``state_dict()``, is the coefficient tensor ``lambdas``.
+
+The merge is fused: task-wise it is one matrix-vector product ``λ @ T`` over the whole flat buffer;
+layer-wise it is one product ``λ[:, l] @ T[:, slice_l]`` per tensor — never a Python loop over
+tasks. It runs on the buffers' device with autocast disabled (float32 arithmetic under AMP).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite, is_mergeable
+
+Granularity = Literal["task", "layer"]
+
+__all__ = ["AdaMergingModel", "Granularity", "freeze_as_buffers", "stack_task_vectors"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def freeze_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter (and buffer) of ``module`` into a frozen, non-persistent buffer, in place.
+
+    Afterwards ``module.parameters()`` is empty, ``module.state_dict()`` is empty, and ``.to()``
+    still moves the tensors. Use it on a copy: the caller's module is changed.
+    """
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None:  # a None slot (``bias=False``) stays a None parameter
+                del sub._parameters[name]
+                sub.register_buffer(name, p.detach().requires_grad_(False), persistent=False)
+        sub._non_persistent_buffers_set.update(sub._buffers.keys())
+    return module
+
+
+def stack_task_vectors(
+    taus: Sequence[Mapping[str, Tensor]],
+    reference: Mapping[str, Tensor],
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Validate K task vectors against ``reference`` (float keys and shapes) and stack them flat.
+
+    Returns a ``[K, N]`` tensor, row k = τ_k's tensors flattened in ``reference`` order. Task
+    vectors are read one at a time (``taus`` may be a lazy sequence), so peak memory is the output.
+    """
+    k = len(taus)
+    if k == 0:
+        raise MergeError("no task vectors given: AdaMerging needs at least one")
+    n = sum(v.numel() for v in reference.values())
+    out = torch.empty(k, n, dtype=dtype)
+    for i in range(k):
+        tau = taus[i]
+        check_compatible(reference, tau, name=f"task vector {i}")
+        check_finite(tau, name=f"task vector {i}")
+        offset = 0
+        for key, ref in reference.items():
+            out[i, offset : offset + ref.numel()] = tau[key].detach().reshape(-1).to(dtype)
+            offset += ref.numel()
+    return out
+
+
+class _PoolTaskVectors(Sequence):
+    """A lazy sequence over a pool's task vectors (one expert in memory at a time)."""
+
+    def __init__(self, pool, tasks: list[str]) -> None:
+        self.pool, self.tasks = pool, tasks
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.pool.task_vector(self.tasks[i])
+
+
+class AdaMergingModel(nn.Module):
+    """The encoder with weights θ_0 + Σ_k λ_k τ_k, differentiable in the coefficients λ.
+
+    Args:
+        encoder: the pretrained module (θ_0's architecture); it is deep-copied, never modified.
+        pretrained_state: θ_0 (same keys and shapes as ``encoder.state_dict()``).
+        task_vectors: K task vectors τ_k over θ_0's floating-point keys (a sequence; may be lazy).
+        granularity: ``"task"`` (one λ per task) or ``"layer"`` (one λ per tensor per task).
+        init: initial value of every coefficient (0.3 in the paper).
+        clamp: clamp λ to [0, 1] inside the merge (official code; FusionBench does not).
+        ties_keep: if set, TIES-preprocess the task vectors first (AdaMerging++), keeping this
+            fraction of magnitudes (0.2 in the paper).
+        tv_dtype: storage dtype of the stacked task vectors, ``"float32"`` or ``"bfloat16"``.
+        task_names: names of the K tasks (for export and plots); default ``task0..task{K-1}``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        pretrained_state: Mapping[str, Tensor],
+        task_vectors: Sequence[Mapping[str, Tensor]],
+        granularity: Granularity = "layer",
+        init: float = 0.3,
+        clamp: bool = True,
+        ties_keep: float | None = None,
+        tv_dtype: str = "float32",
+        task_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if granularity not in ("task", "layer"):
+            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        if tv_dtype not in _DTYPES:
+            raise ValueError(f"tv_dtype must be one of {sorted(_DTYPES)}, got {tv_dtype!r}")
+        if not math.isfinite(init):
+            raise ValueError(f"init must be finite, got {init}")
+        check_compatible(encoder.state_dict(), pretrained_state, name="pretrained state dict")
+        check_finite(pretrained_state, name="pretrained state dict")
+        reference = {k: v for k, v in pretrained_state.items() if is_mergeable(v)}
+        if not reference:
+            raise MergeError("the encoder has no floating-point tensors to merge")
+        if ties_keep is not None:
+            from adamerge.merging.ties import ties_preprocess
+
+            task_vectors = ties_preprocess([dict(t) for t in task_vectors], keep=ties_keep)
+        num_tasks = len(task_vectors)
+        self.task_names = (
+            list(task_names) if task_names is not None else [f"task{i}" for i in range(num_tasks)]
+        )
+        if len(self.task_names) != num_tasks:
+            raise ValueError(f"{len(self.task_names)} task names for {num_tasks} task vectors")
+        self.granularity, self.clamp = granularity, bool(clamp)
+        self.layer_names = list(reference)
+        self._shapes = [tuple(v.shape) for v in reference.values()]
+        self._sizes = [v.numel() for v in reference.values()]
+
+        self.encoder = freeze_as_buffers(copy.deepcopy(encoder).eval())
+        with torch.no_grad():  # θ_0 comes from ``pretrained_state``, not from the module's weights
+            for key, buf in self.encoder.named_buffers():
+                buf.copy_(pretrained_state[key])
+        self.register_buffer(
+            "task_vectors", stack_task_vectors(task_vectors, reference, _DTYPES[tv_dtype]), persistent=False
+        )
+        shape = (num_tasks, len(self.layer_names)) if granularity == "layer" else (num_tasks, 1)
+        self.lambdas = nn.Parameter(torch.full(shape, float(init)))
+
+    # ---- coefficients ---------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return self.lambdas.shape[0]
+
+    def coefficients(self) -> Tensor:
+        """The effective coefficients ``[K, L]`` (clamped if ``clamp``; task-wise broadcast to L)."""
+        lam = self.lambdas.clamp(0.0, 1.0) if self.clamp else self.lambdas
+        return lam.expand(self.num_tasks, len(self.layer_names))
+
+    # ---- merge ----------------------------------------------------------------------------
+    def merged_parameters(self) -> dict[str, Tensor]:
+        """θ_0 + Σ_k λ_k τ_k for every float tensor, differentiable in λ (float32 arithmetic)."""
+        theta0 = dict(self.encoder.named_buffers())
+        tv = self.task_vectors
+        lam = self.lambdas.clamp(0.0, 1.0) if self.clamp else self.lambdas
+        lam = lam.to(tv.dtype)
+        with torch.autocast(tv.device.type, enabled=False):
+            if self.granularity == "task":
+                deltas = torch.split(lam[:, 0] @ tv, self._sizes)
+            else:
+                slices = torch.split(tv, self._sizes, dim=1)
+                deltas = [lam[:, l] @ t for l, t in enumerate(slices)]
+            out = {}
+            for key, shape, delta in zip(self.layer_names, self._shapes, deltas):
+                base = theta0[key]
+                out[key] = base + delta.view(shape).to(base.dtype)
+        return out
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The full merged state dict (non-float buffers passed through), detached, on CPU."""
+        with torch.no_grad():
+            merged = self.merged_parameters()
+        out = {}
+        for key, value in self.encoder.named_buffers():
+            out[key] = merged.get(key, value).detach().cpu().clone()
+        return out
+
+    def forward(self, images: Tensor) -> Tensor:
+        return functional_call(self.encoder, self.merged_parameters(), (images,))
+
+    def train(self, mode: bool = True) -> AdaMergingModel:
+        """Only λ learns: the encoder stays in eval mode (no dropout, frozen norms)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @classmethod
+    def from_pool(cls, pool, tasks: Sequence[str] | None = None, **kwargs) -> AdaMergingModel:
+        """Build from a :class:`~adamerge.models.pool.ModelPool` (task vectors streamed one at a time).
+
+        Args:
+            pool: the model pool (θ_0, experts).
+            tasks: which experts to merge, in order; default all of the pool's tasks.
+            **kwargs: the constructor's remaining arguments (granularity, init, clamp, ...).
+        """
+        tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
+        return cls(
+            pool.encoder, pool.pretrained_state(), _PoolTaskVectors(pool, tasks), task_names=tasks, **kwargs
+        )

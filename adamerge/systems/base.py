@@ -1,0 +1,298 @@
+"""The test-time loop shared by every adaptive merging method (AdaMerging, WEMoE, Surgery).
+
+Unsupervised test-time adaptation (AdaMerging, arXiv 2310.02575; WEMoE, arXiv 2402.00433;
+Surgery, arXiv 2402.02705): each step takes one *unlabeled* batch of every task's test split and
+minimises a sum of per-task losses,
+
+    L = Σ_k  loss_k(x_k),     default loss_k = mean_b H(softmax(logits_k(x_k,b)))   (entropy)
+
+Contract for subclasses (WEMoE and Surgery are built on it; keep it stable):
+
+* ``__init__(pool, tasks=None, optimizer=<Adam lr 1e-3>, export_dir=None, ...)``: call
+  ``super().__init__(pool, tasks, optimizer, export_dir)`` first, then build the learnable
+  components. ``self.pool`` (a plain attribute, never saved), ``self.tasks`` (validated against
+  the pool), ``self.logit_scale`` and the frozen zero-shot heads are ready after it.
+* ``task_logits(task, images) -> [B, C_task]`` — **abstract**: logits of ``task`` on ``images``
+  (use :meth:`TestTimeSystem.logits` to apply the frozen head to features).
+* ``adaptation_loss(task, images) -> scalar`` — default entropy of ``task_logits``, batch mean.
+* ``adaptation_losses(images: dict[task, Tensor]) -> dict[task, scalar]`` — default calls
+  ``adaptation_loss`` per task; override to share work across tasks in one step (AdaMerging
+  merges once and runs one concatenated forward).
+* ``learnable_parameters()`` — what the optimizer trains and the checkpoint holds; default every
+  parameter with ``requires_grad``. Frozen weights must be buffers (non-persistent) or frozen.
+* ``export(directory)`` — write the merged model and learned parameters; the base writes
+  ``learned.safetensors`` (the learnable parameters by name); subclasses extend it.
+* Overriding ``setup``/``on_save_checkpoint``/``on_load_checkpoint``: call ``super()``.
+
+Behaviour: ``training_step`` accepts ``{task: images}`` or ``{task: (images, labels)}`` and never
+reads labels; logs ``train/loss/<task>`` and ``train/loss``. ``validation_step``/``test_step``
+take one labeled batch of task ``tasks[dataloader_idx]`` (the datamodule's order) and update one
+torchmetrics ``MulticlassAccuracy`` (plain, micro-averaged) per task, logged at epoch end as
+``val/acc/<task>`` and ``val/acc/avg`` (``test/…`` likewise). Checkpoints hold only
+``learnable_state_dict()`` plus metadata (pool name, tasks, class counts); resuming from another
+pool or task list fails before training. At the end of ``fit`` rank 0 calls ``export(export_dir)`` and writes ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from adamerge.components.losses import entropy
+from adamerge.models.pool import ModelPool, zero_shot_logits
+
+__all__ = ["CheckpointMismatchError", "TestTimeSystem", "default_optimizer"]
+
+_META_KEY = "adamerge"
+
+
+def _quiet_frozen_eval_notice() -> None:
+    """Frozen encoders stay in eval mode on purpose (no dropout, no batch-norm updates while adapting):
+    silence exactly Lightning's "modules in eval mode" notice, nothing else."""
+    warnings.filterwarnings(
+        "ignore",
+        message=r"Found \d+ module\(s\) in eval mode at the start of training",
+        category=PossibleUserWarning,
+    )
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint written for another pool, task list or method than the system loading it."""
+
+
+def default_optimizer(params: Iterable[Tensor]) -> torch.optim.Optimizer:
+    """Adam, lr 1e-3, betas (0.9, 0.999): the AdaMerging / Surgery default."""
+    return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
+
+
+def _images(item) -> Tensor:
+    """The images of a training batch item, ``images`` or ``(images, labels, ...)``; labels unread."""
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class TestTimeSystem(L.LightningModule):
+    """Base LightningModule for test-time adaptive merging (see the module docstring's contract).
+
+    Args:
+        pool: the model pool (pretrained encoder, experts, zero-shot heads).
+        tasks: the tasks to adapt on, in order; default all of the pool's tasks.
+        optimizer: optimizer for the learnable parameters (default Adam, lr 1e-3).
+        export_dir: if set, the merged model, learned parameters and ``metrics.json`` are written
+            here at the end of ``fit``.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        tasks: list[str] | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(pool, ModelPool):
+            raise TypeError(f"pool must be a ModelPool, got {type(pool).__name__}")
+        self.save_hyperparameters(ignore=["pool", "optimizer"])
+        self.pool = pool
+        self.tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"duplicate task in {self.tasks}")
+        self.optimizer = optimizer
+        self.export_dir = export_dir
+        self.logit_scale = pool.logit_scale
+        self._heads = nn.Module()
+        for i, task in enumerate(self.tasks):
+            self._heads.register_buffer(f"h{i}", pool.head(task).detach().clone(), persistent=False)
+        self.num_classes = {t: int(pool.head(t).shape[0]) for t in self.tasks}
+        self.val_acc = nn.ModuleList(
+            MulticlassAccuracy(self.num_classes[t], average="micro") for t in self.tasks
+        )
+        self.test_acc = nn.ModuleList(
+            MulticlassAccuracy(self.num_classes[t], average="micro") for t in self.tasks
+        )
+        self._eval_tasks = list(self.tasks)
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- heads -----------------------------------------------------------------------------
+    def head(self, task: str) -> Tensor:
+        """The frozen zero-shot head ``[C, D]`` of ``task``."""
+        if task not in self.tasks:
+            raise KeyError(f"task {task!r} is not one of this system's tasks {self.tasks}")
+        return getattr(self._heads, f"h{self.tasks.index(task)}")
+
+    def logits(self, task: str, features: Tensor) -> Tensor:
+        """Zero-shot logits of ``task``: ``logit_scale · normalize(features) @ headᵀ``."""
+        return zero_shot_logits(features, self.head(task), self.logit_scale)
+
+    # ---- hooks for subclasses --------------------------------------------------------------
+    def task_logits(self, task: str, images: Tensor) -> Tensor:
+        """Logits ``[B, C_task]`` of ``task`` on ``images``. Subclasses must implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement task_logits(task, images)")
+
+    def adaptation_loss(self, task: str, images: Tensor) -> Tensor:
+        """The unsupervised loss of one task's batch (default: mean Shannon entropy)."""
+        return entropy(self.task_logits(task, images)).mean()
+
+    def adaptation_losses(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-task losses of one step; override to share work (e.g. one merge) across tasks."""
+        return {task: self.adaptation_loss(task, x) for task, x in images.items()}
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the optimizer trains and checkpoints hold."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def learnable_state_dict(self) -> dict[str, Tensor]:
+        """``{name: tensor}`` of :meth:`learnable_parameters` (the whole checkpoint payload)."""
+        wanted = {id(p) for p in self.learnable_parameters()}
+        return {n: p.detach() for n, p in self.named_parameters() if id(p) in wanted}
+
+    def export(self, directory: Path) -> None:
+        """Write the learned parameters to ``directory/learned.safetensors``; subclasses add the model."""
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {n: t.detach().cpu().contiguous() for n, t in self.learnable_state_dict().items()}
+        save_file(tensors, str(directory / "learned.safetensors"), metadata={"tasks": json.dumps(self.tasks)})
+
+    # ---- set-up checks ---------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Check the datamodule's tasks and class counts against the pool; keep DDP off frozen tensors."""
+        _quiet_frozen_eval_notice()
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and getattr(dm, "tasks", None) is not None:
+            self._check_data(list(dm.tasks), getattr(dm, "num_classes", None))
+            self._eval_tasks = list(dm.tasks)
+        learnable = set(self.learnable_state_dict())
+        frozen = [n for n, _ in self.named_parameters() if n not in learnable]
+        self._ddp_params_and_buffers_to_ignore = frozen + [n for n, _ in self.named_buffers()]
+
+    def _check_data(self, data_tasks: list[str], num_classes: Mapping[str, int] | None) -> None:
+        extra = [t for t in data_tasks if t not in self.tasks]
+        if extra:
+            raise ValueError(
+                f"the data has task {extra[0]!r} that the model does not (model tasks: {self.tasks})"
+            )
+        missing = [t for t in self.tasks if t not in data_tasks]
+        if missing:
+            raise ValueError(
+                f"the model has task {missing[0]!r} that the data does not (data tasks: {data_tasks})"
+            )
+        for task, count in (num_classes or {}).items():
+            if count is not None and task in self.num_classes and int(count) != self.num_classes[task]:
+                raise ValueError(
+                    f"task {task!r}: the zero-shot head has {self.num_classes[task]} classes but the data "
+                    f"has {count}"
+                )
+
+    # ---- training --------------------------------------------------------------------------
+    def training_step(self, batch: Mapping, batch_idx: int) -> Tensor:
+        images = {task: _images(item) for task, item in batch.items() if item is not None}
+        if not images:
+            raise ValueError("empty training batch: expected one batch per task")
+        unknown = [t for t in images if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"training batch has task {unknown[0]!r} that the model does not")
+        losses = self.adaptation_losses(images)
+        for task, loss in losses.items():
+            self.log(f"train/loss/{task}", loss, batch_size=images[task].shape[0])
+        total = torch.stack(list(losses.values())).sum()
+        self.log("train/loss", total, prog_bar=True, batch_size=sum(x.shape[0] for x in images.values()))
+        return total
+
+    def configure_optimizers(self):
+        params = self.learnable_parameters()
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no learnable parameters")
+        return self.optimizer(params)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int) -> None:
+        if dataloader_idx >= len(self._eval_tasks):
+            raise IndexError(f"dataloader {dataloader_idx} has no task (tasks: {self._eval_tasks})")
+        task = self._eval_tasks[dataloader_idx]
+        images, labels = batch[0], batch[1]
+        logits = self.task_logits(task, images)
+        metrics[self.tasks.index(task)].update(logits, labels)
+
+    def _eval_epoch_end(self, metrics: nn.ModuleList, split: str) -> dict[str, float]:
+        values = {}
+        for task, metric in zip(self.tasks, metrics):
+            if metric.update_count == 0:
+                continue
+            values[f"{split}/acc/{task}"] = metric.compute()
+            metric.reset()
+        if values:
+            values[f"{split}/acc/avg"] = torch.stack(list(values.values())).mean()
+            self.log_dict(values, prog_bar=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_acc, batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_acc, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._eval_epoch_end(self.val_acc, "val")
+        if values and not self.trainer.sanity_checking:
+            self.last_metrics.update(values)
+
+    def on_test_epoch_end(self) -> None:
+        self.last_metrics.update(self._eval_epoch_end(self.test_acc, "test"))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint_metadata(self) -> dict:
+        """What a checkpoint must agree on to be loaded into this system."""
+        return {
+            "system": type(self).__name__,
+            "pool": self.pool.name,
+            "tasks": list(self.tasks),
+            "num_classes": dict(self.num_classes),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.learnable_state_dict().items()}
+        checkpoint[_META_KEY] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get(_META_KEY)
+        if meta is None:
+            raise CheckpointMismatchError("not an adamerge checkpoint: it has no 'adamerge' metadata")
+        mine = self.checkpoint_metadata()
+        for key in ("system", "pool", "tasks", "num_classes"):
+            if meta.get(key) != mine[key]:
+                raise CheckpointMismatchError(
+                    f"checkpoint was written for {key} {meta.get(key)!r}, this run has {mine[key]!r}"
+                )
+
+    def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load a learnable-only state dict; ``strict`` checks exactly the learnable names."""
+        if strict:
+            expected = set(self.learnable_state_dict())
+            missing = sorted(expected - set(state_dict))
+            unexpected = sorted(set(state_dict) - expected)
+            if missing or unexpected:
+                raise CheckpointMismatchError(
+                    f"checkpoint state does not match the learnable parameters: missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}"
+                )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ---- export ----------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if self.export_dir is None:
+            return
+        if self.trainer.is_global_zero:
+            directory = Path(self.export_dir)
+            self.export(directory)
+            (directory / "metrics.json").write_text(json.dumps(self.last_metrics, indent=2, sort_keys=True))
+        self.trainer.strategy.barrier("adamerge-export")
