@@ -1,0 +1,117 @@
+"""Image folders on disk as a :class:`~adamerge.data.source.TaskSource`.
+
+Layout: ``<root>/<task>/<split>/<class>/*.png|jpg`` (torchvision ``ImageFolder``), e.g.
+``data/mnist/test/3/00017.png``. Labels follow the task registry's class order, not the folders'
+alphabetical order:
+
+1. if every class folder's name, normalised (lower case, ``_`` → space), is one of the registry's
+   class names, the folder gets that class's index (so ``Cars`` folders named after the cars work
+   whatever their sort order);
+2. otherwise, if the folder names are all integers (``0``, ``1``, …, ``42`` or ``00042``), folder
+   ``i`` is class ``i``;
+3. otherwise the folders in sorted order are the registry's classes in order (the task_vectors
+   convention: SUN397's ``a_abbey`` …, EuroSAT's ``AnnualCrop`` …), which needs the same count.
+
+A missing task or split folder, or a class count that differs from the registry, is an error naming
+the folder. Images go through the open_clip preprocess (``preprocess="ViT-B-32"`` builds open_clip's
+eval transform for that model; a callable is used as is; None converts to a tensor only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from adamerge.data.registry import check_tasks, get_task
+from adamerge.data.source import check_split
+
+__all__ = ["ImageFolderSource", "open_clip_preprocess"]
+
+
+def open_clip_preprocess(model_name: str) -> Callable:
+    """open_clip's evaluation transform (resize, centre crop, normalise) for ``model_name``."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r} for the preprocess")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    pp = cfg.get("preprocess_cfg", {})
+    return open_clip.image_transform(size, is_train=False, mean=pp.get("mean"), std=pp.get("std"))
+
+
+def _norm(name: str) -> str:
+    return name.replace("_", " ").strip().lower()
+
+
+def _label_map(folders: Sequence[str], classnames: Sequence[str], where: Path) -> dict[str, int]:
+    """Folder name → registry label (see the module docstring for the rules)."""
+    by_name = {_norm(c): i for i, c in enumerate(classnames)}
+    if all(_norm(f) in by_name for f in folders) and len({_norm(f) for f in folders}) == len(folders):
+        return {f: by_name[_norm(f)] for f in folders}
+    if all(f.isdigit() for f in folders):
+        bad = [f for f in folders if int(f) >= len(classnames)]
+        if bad:
+            raise ValueError(f"{where}: class folder {bad[0]!r} ≥ the registry's {len(classnames)} classes")
+        return {f: int(f) for f in folders}
+    if len(folders) != len(classnames):
+        raise ValueError(
+            f"{where}: {len(folders)} class folders but the registry's task has {len(classnames)} classes"
+        )
+    return {f: i for i, f in enumerate(sorted(folders))}
+
+
+class _RegistryImageFolder(ImageFolder):
+    """ImageFolder whose class indices follow the registry, not the sorted folder names."""
+
+    def __init__(self, root: str, classnames: Sequence[str], transform: Callable | None):
+        self._classnames = list(classnames)
+        super().__init__(root, transform=transform)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        folders = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        if not folders:
+            raise FileNotFoundError(f"{directory}: no class folders")
+        mapping = _label_map(folders, self._classnames, Path(directory))
+        return self._classnames, mapping
+
+
+class ImageFolderSource:
+    """Per-task image folders: ``<root>/<task>/<split>/<class>/*``.
+
+    Args:
+        root: the folder holding one sub-folder per task.
+        tasks: registered task names to serve.
+        preprocess: an open_clip model name (its eval transform), a callable transform, or None
+            (``ToTensor`` only; images must then share one size).
+    """
+
+    def __init__(self, root: str, tasks: list[str], preprocess: str | Callable | None = None) -> None:
+        self.root = Path(root)
+        self._tasks = check_tasks(tasks)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image-folder root not found: {self.root}")
+        missing = [t for t in self._tasks if not (self.root / t).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"task {missing[0]!r}: folder {self.root / missing[0]} not found")
+        if isinstance(preprocess, str):
+            preprocess = open_clip_preprocess(preprocess)
+        self.transform = preprocess if preprocess is not None else T.ToTensor()
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._tasks)
+
+    def dataset(self, task: str, split: str) -> ImageFolder:
+        """The labelled images of ``task`` / ``split`` (labels in registry order)."""
+        check_split(split)
+        if task not in self._tasks:
+            raise ValueError(f"task {task!r} is not served by this source (tasks: {self._tasks})")
+        folder = self.root / task / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"task {task!r}: split folder {folder} not found")
+        return _RegistryImageFolder(str(folder), get_task(task).classnames, self.transform)

@@ -1,0 +1,103 @@
+"""ImageFolderSource: labels follow the registry (by name, by integer folder, by sorted position),
+missing folders and class-count mismatches are named, images come out through the preprocess."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adamerge.data.imagefolder import ImageFolderSource
+from adamerge.data.registry import UnknownTaskError, register_task
+from adamerge.data.source import TaskSource
+
+register_task("if_colors", ["red", "green", "dark blue"], ["a {} thing."])
+register_task("if_numbers", [f"n{i}" for i in range(12)], ["{}"])
+register_task("if_scenes", ["annual crop land", "forest", "lake or sea"], ["a {}."])
+
+
+def _write(root, task, split, folders, per_class=2):
+    """One folder per class; every pixel of an image in folder j has value 10·(j+1) (label check)."""
+    for j, name in enumerate(folders):
+        d = root / task / split / name
+        d.mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(np.full((8, 8, 3), 10 * (j + 1), dtype=np.uint8)).save(d / f"{k}.png")
+
+
+def _labels_by_folder(ds, folders):
+    """folder index (from the pixel value) → label the dataset gave."""
+    out = {}
+    for i in range(len(ds)):
+        img, label = ds[i]
+        j = round(float(img[0, 0, 0]) * 255 / 10) - 1
+        out.setdefault(folders[j], set()).add(label)
+    return out
+
+
+def test_labels_follow_registry_names_not_sort_order(tmp_path):
+    folders = ["dark_blue", "green", "red"]  # sorted: dark_blue first, but registry says red = 0
+    _write(tmp_path, "if_colors", "test", folders)
+    src = ImageFolderSource(str(tmp_path), ["if_colors"])
+    assert isinstance(src, TaskSource) and src.tasks == ["if_colors"]
+    ds = src.dataset("if_colors", "test")
+    assert len(ds) == 6
+    assert _labels_by_folder(ds, folders) == {"red": {0}, "green": {1}, "dark_blue": {2}}
+    assert ds.classes == ["red", "green", "dark blue"]
+
+
+def test_integer_folders_are_labels(tmp_path):
+    folders = ["0", "2", "10", "11"]  # lexical sort would put 10 and 11 before 2
+    _write(tmp_path, "if_numbers", "val", folders, per_class=1)
+    ds = ImageFolderSource(str(tmp_path), ["if_numbers"]).dataset("if_numbers", "val")
+    assert _labels_by_folder(ds, folders) == {"0": {0}, "2": {2}, "10": {10}, "11": {11}}
+
+
+def test_other_names_map_by_sorted_position(tmp_path):
+    folders = ["AnnualCrop", "Forest", "SeaLake"]  # task_vectors' EuroSAT convention
+    _write(tmp_path, "if_scenes", "train", folders, per_class=1)
+    ds = ImageFolderSource(str(tmp_path), ["if_scenes"]).dataset("if_scenes", "train")
+    assert _labels_by_folder(ds, folders) == {"AnnualCrop": {0}, "Forest": {1}, "SeaLake": {2}}
+
+
+def test_open_clip_preprocess_by_model_name_and_callable(tmp_path):
+    _write(tmp_path, "if_colors", "test", ["red", "green", "dark blue"], per_class=1)
+    img, _ = ImageFolderSource(str(tmp_path), ["if_colors"], preprocess="ViT-B-32").dataset("if_colors", "test")[0]
+    assert img.shape == (3, 224, 224) and img.dtype == torch.float32
+    assert float(img.mean()) < 0  # normalised with CLIP's mean/std: a dark image is below zero
+    src = ImageFolderSource(str(tmp_path), ["if_colors"], preprocess=lambda im: torch.ones(1))
+    assert src.dataset("if_colors", "test")[0][0].shape == (1,)
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def test_class_count_mismatch_names_the_folder(tmp_path):
+    _write(tmp_path, "if_scenes", "test", ["AnnualCrop", "Forest"], per_class=1)
+    src = ImageFolderSource(str(tmp_path), ["if_scenes"])
+    with pytest.raises(ValueError, match=r"if_scenes/test.*2 class folders.*3 classes"):
+        src.dataset("if_scenes", "test")
+
+
+def test_integer_folder_beyond_registry(tmp_path):
+    _write(tmp_path, "if_numbers", "test", ["0", "12"], per_class=1)
+    with pytest.raises(ValueError, match="'12'"):
+        ImageFolderSource(str(tmp_path), ["if_numbers"]).dataset("if_numbers", "test")
+
+
+def test_missing_task_split_and_unknown_names(tmp_path):
+    _write(tmp_path, "if_colors", "test", ["red", "green", "dark blue"], per_class=1)
+    with pytest.raises(FileNotFoundError, match="'if_scenes'.*if_scenes"):
+        ImageFolderSource(str(tmp_path), ["if_colors", "if_scenes"])
+    src = ImageFolderSource(str(tmp_path), ["if_colors"])
+    with pytest.raises(FileNotFoundError, match=r"'if_colors'.*if_colors/val"):
+        src.dataset("if_colors", "val")
+    with pytest.raises(ValueError, match="unknown split"):
+        src.dataset("if_colors", "dev")
+    with pytest.raises(ValueError, match="not served"):
+        src.dataset("if_scenes", "test")
+    with pytest.raises(UnknownTaskError, match="'if_nope'"):
+        ImageFolderSource(str(tmp_path), ["if_nope"])
+    with pytest.raises(ValueError, match="empty task list"):
+        ImageFolderSource(str(tmp_path), [])
+    with pytest.raises(FileNotFoundError, match="root not found"):
+        ImageFolderSource(str(tmp_path / "nowhere"), ["if_colors"])
