@@ -24,7 +24,9 @@ def test_drop_rate_and_unbiasedness():
     out = dare(tau, drop=0.9, seed=0)["w"]
     dropped = float((out == 0).float().mean())
     assert abs(dropped - 0.9) < 0.01
-    assert torch.allclose(out[out != 0].abs().unique().sort().values, (base.abs() * 10).unique().sort().values)
+    assert torch.allclose(
+        out[out != 0].abs().unique().sort().values, (base.abs() * 10).unique().sort().values
+    )
     assert torch.allclose(out.mean(0), base, atol=0.15)  # E[τ̃] = τ (sd of the mean ≈ 0.02·|τ|·10)
 
 

@@ -5,7 +5,15 @@ import torch
 from conftest import make_tiny_pool
 
 from adamerge.merging import (
-    METHODS, MergeError, OPCMerger, merge_pool, optmerge, pcb_merge, task_arithmetic, ties_merge, weight_average,
+    METHODS,
+    MergeError,
+    OPCMerger,
+    merge_pool,
+    optmerge,
+    pcb_merge,
+    task_arithmetic,
+    ties_merge,
+    weight_average,
 )
 
 
@@ -53,7 +61,9 @@ def test_each_method_by_name_matches_direct_call(pool):
 
 def test_task_subset_and_order(pool):
     pre = pool.pretrained_state()
-    _same(merge_pool(pool, "ties", tasks=["task2", "task0"]), ties_merge(pre, _taus(pool, ["task2", "task0"])))
+    _same(
+        merge_pool(pool, "ties", tasks=["task2", "task0"]), ties_merge(pre, _taus(pool, ["task2", "task0"]))
+    )
     a = merge_pool(pool, "opcm", tasks=["task0", "task1", "task2"])
     b = merge_pool(pool, "opcm", tasks=["task2", "task1", "task0"])
     key = "transformer.resblocks.0.attn.in_proj_weight"

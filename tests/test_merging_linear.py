@@ -7,12 +7,26 @@ import torch
 
 from adamerge.merging import MergeError, dare_all, task_arithmetic, weight_average
 
-PRE = {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([0.5, -0.5]), "ids": torch.tensor([0, 1, 2])}
+PRE = {
+    "w": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+    "b": torch.tensor([0.5, -0.5]),
+    "ids": torch.tensor([0, 1, 2]),
+}
 EXPERTS = [
-    {"w": torch.tensor([[2.0, 2.0], [3.0, 0.0]]), "b": torch.tensor([0.5, 1.5]), "ids": torch.tensor([0, 1, 2])},
-    {"w": torch.tensor([[0.0, 2.0], [5.0, 4.0]]), "b": torch.tensor([1.5, -0.5]), "ids": torch.tensor([0, 1, 2])},
+    {
+        "w": torch.tensor([[2.0, 2.0], [3.0, 0.0]]),
+        "b": torch.tensor([0.5, 1.5]),
+        "ids": torch.tensor([0, 1, 2]),
+    },
+    {
+        "w": torch.tensor([[0.0, 2.0], [5.0, 4.0]]),
+        "b": torch.tensor([1.5, -0.5]),
+        "ids": torch.tensor([0, 1, 2]),
+    },
 ]
-TAUS = [{k: e[k] - PRE[k] for k in ("w", "b")} for e in EXPERTS]  # [[1,0],[0,-4]],[0,2] and [[-1,0],[2,0]],[1,0]
+TAUS = [
+    {k: e[k] - PRE[k] for k in ("w", "b")} for e in EXPERTS
+]  # [[1,0],[0,-4]],[0,2] and [[-1,0],[2,0]],[1,0]
 
 
 def test_weight_average_numbers():
@@ -47,8 +61,8 @@ def test_task_arithmetic_numbers():
 def test_task_arithmetic_lambda_zero_and_no_mutation():
     before = copy.deepcopy((PRE, TAUS))
     out = task_arithmetic(PRE, TAUS, lam=0.0)
-    for k in PRE:
-        assert torch.equal(out[k], PRE[k]) and out[k] is not PRE[k]
+    for k, v in PRE.items():
+        assert torch.equal(out[k], v) and out[k] is not v
     for a, b in zip(before[1], TAUS):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(torch.equal(before[0][k], PRE[k]) for k in PRE)
@@ -74,7 +88,9 @@ def test_bad_lists():
         task_arithmetic(PRE, [])
     with pytest.raises(MergeError, match="state dict 1 is missing key 'b'"):
         weight_average([EXPERTS[0], {"w": EXPERTS[1]["w"], "ids": EXPERTS[1]["ids"]}])
-    with pytest.raises(MergeError, match=r"shape mismatch at key 'w': pretrained \(2, 2\), task vector \(4,\)"):
+    with pytest.raises(
+        MergeError, match=r"shape mismatch at key 'w': pretrained \(2, 2\), task vector \(4,\)"
+    ):
         task_arithmetic(PRE, [{"w": torch.zeros(4), "b": torch.zeros(2)}])
     with pytest.raises(MergeError, match="task vector 0: key 'w' contains Inf"):
         task_arithmetic(PRE, [{"w": torch.full((2, 2), float("inf")), "b": torch.zeros(2)}])

@@ -37,7 +37,10 @@ def _pre(seed=0):
 
 def _expert(pre, seed):
     g = torch.Generator().manual_seed(100 + seed)
-    return {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone() for k, v in pre.items()}
+    return {
+        k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in pre.items()
+    }
 
 
 def _np_reference(pre, experts, alpha):
@@ -103,8 +106,12 @@ def test_merged_norm_equals_mean_task_vector_norm():
     norms = []
     for i in range(5):
         e = _expert(pre, i)
-        e = {k: (v - pre[k]) * (i + 1) + pre[k] if v.is_floating_point() else v for k, v in e.items()}  # unequal norms
-        norms.append(math.sqrt(sum(float(((e[k] - pre[k]) ** 2).sum()) for k in pre if pre[k].is_floating_point())))
+        e = {
+            k: (v - pre[k]) * (i + 1) + pre[k] if v.is_floating_point() else v for k, v in e.items()
+        }  # unequal norms
+        norms.append(
+            math.sqrt(sum(float(((e[k] - pre[k]) ** 2).sum()) for k in pre if pre[k].is_floating_point()))
+        )
         merger.add(e)
         tau = merger.merged_task_vector()
         merged_norm = math.sqrt(sum(float((v**2).sum()) for v in tau.values()))
@@ -173,7 +180,9 @@ def test_single_expert_is_that_expert_and_task_vector_api_matches():
     m1.add(e2)
     m2.add_task_vector({k: e[k] - pre[k] for k in pre if pre[k].is_floating_point()})
     m2.add_task_vector({k: e2[k] - pre[k] for k in pre if pre[k].is_floating_point()})
-    assert all(torch.allclose(m1.merged_state()[k].float(), m2.merged_state()[k].float(), atol=1e-6) for k in pre)
+    assert all(
+        torch.allclose(m1.merged_state()[k].float(), m2.merged_state()[k].float(), atol=1e-6) for k in pre
+    )
 
 
 def test_inputs_untouched_and_half_precision():
@@ -205,7 +214,9 @@ def test_bad_inputs():
     bad = dict(_expert(pre, 1), **{"lin.bias": torch.full((6,), float("nan"))})
     with pytest.raises(MergeError, match="expert 'svhn': key 'lin.bias' contains NaN"):
         merger.add(bad, name="expert 'svhn'")
-    with pytest.raises(MergeError, match=r"shape mismatch at key 'lin.weight': expected \(6, 4\), got \(4, 6\)"):
+    with pytest.raises(
+        MergeError, match=r"shape mismatch at key 'lin.weight': expected \(6, 4\), got \(4, 6\)"
+    ):
         merger.add(dict(_expert(pre, 1), **{"lin.weight": torch.zeros(4, 6)}))
     with pytest.raises(MergeError, match="missing key 'lin.bias'"):
         merger.add_task_vector({"lin.weight": torch.zeros(6, 4), "positional_embedding": torch.zeros(3, 4)})

@@ -21,8 +21,15 @@ def _one_thread():
 
 def _setup(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    pre = {"fc.weight": torch.randn(5, 4, generator=g), "fc.bias": torch.randn(5, generator=g), "ids": torch.arange(2)}
-    taus = [{"fc.weight": torch.randn(5, 4, generator=g), "fc.bias": torch.randn(5, generator=g)} for _ in range(n)]
+    pre = {
+        "fc.weight": torch.randn(5, 4, generator=g),
+        "fc.bias": torch.randn(5, generator=g),
+        "ids": torch.arange(2),
+    }
+    taus = [
+        {"fc.weight": torch.randn(5, 4, generator=g), "fc.bias": torch.randn(5, generator=g)}
+        for _ in range(n)
+    ]
     return pre, taus
 
 
@@ -70,7 +77,9 @@ def test_optimisation_lowers_the_loss_and_zero_iters_is_the_mean():
     pre, taus = _setup()
     ws = [t["fc.weight"].double().numpy() for t in taus]
     start = optmerge(pre, taus, iters=0)
-    assert torch.allclose(start["fc.weight"], pre["fc.weight"] + sum(t["fc.weight"] for t in taus) / 3, atol=1e-6)
+    assert torch.allclose(
+        start["fc.weight"], pre["fc.weight"] + sum(t["fc.weight"] for t in taus) / 3, atol=1e-6
+    )
     tuned = optmerge(pre, taus, lr=0.05, iters=50)
     loss0 = _loss((start["fc.weight"] - pre["fc.weight"]).double().numpy(), ws)
     loss1 = _loss((tuned["fc.weight"] - pre["fc.weight"]).double().numpy(), ws)
@@ -85,19 +94,22 @@ def test_lambda_no_mutation_half_and_zero_task_vector():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, taus) for k in a)
     zero = {k: torch.zeros_like(v) for k, v in taus[0].items()}  # no loss term, no division by zero
     assert torch.isfinite(optmerge(pre, [zero, taus[1]], iters=5)["fc.weight"]).all()
-    half = optmerge({k: v.half() if v.is_floating_point() else v for k, v in pre.items()},
-                    [{k: v.half() for k, v in t.items()} for t in taus], iters=3)
+    half = optmerge(
+        {k: v.half() if v.is_floating_point() else v for k, v in pre.items()},
+        [{k: v.half() for k, v in t.items()} for t in taus],
+        iters=3,
+    )
     assert half["fc.weight"].dtype == torch.float16
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(lr=0.0), "lr must be a finite number > 0"),
-        (dict(momentum=1.0), r"momentum must lie in \[0, 1\)"),
-        (dict(iters=-1), "iters must be an integer >= 0"),
-        (dict(iters=2.5), "iters must be an integer >= 0"),
-        (dict(lam=float("nan")), "lam must be a finite number >= 0"),
+        ({"lr": 0.0}, "lr must be a finite number > 0"),
+        ({"momentum": 1.0}, r"momentum must lie in \[0, 1\)"),
+        ({"iters": -1}, "iters must be an integer >= 0"),
+        ({"iters": 2.5}, "iters must be an integer >= 0"),
+        ({"lam": float("nan")}, "lam must be a finite number >= 0"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -30,13 +30,20 @@ def _numpy_pcb(x: np.ndarray, ratio: float, clamp: float, lams) -> np.ndarray:
 def _setup(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     pre = {"w": torch.randn(4, 5, generator=g), "b": torch.randn(7, generator=g), "ids": torch.arange(3)}
-    taus = [{"w": torch.randn(4, 5, generator=g) * (k + 1), "b": torch.randn(7, generator=g)} for k in range(n)]
-    flat = np.stack([np.concatenate([t["w"].numpy().ravel(), t["b"].numpy()]).astype(np.float64) for t in taus])
+    taus = [
+        {"w": torch.randn(4, 5, generator=g) * (k + 1), "b": torch.randn(7, generator=g)} for k in range(n)
+    ]
+    flat = np.stack(
+        [np.concatenate([t["w"].numpy().ravel(), t["b"].numpy()]).astype(np.float64) for t in taus]
+    )
     return pre, taus, flat
 
 
 def _unflat(pre, v):
-    return {"w": pre["w"] + torch.from_numpy(v[:20].reshape(4, 5)).float(), "b": pre["b"] + torch.from_numpy(v[20:]).float()}
+    return {
+        "w": pre["w"] + torch.from_numpy(v[:20].reshape(4, 5)).float(),
+        "b": pre["b"] + torch.from_numpy(v[20:]).float(),
+    }
 
 
 @pytest.mark.parametrize(
@@ -67,20 +74,22 @@ def test_zero_lambda_and_no_mutation_and_half():
     out = pcb_merge(pre, taus, lam=0.0)
     assert all(torch.equal(out[k], pre[k]) for k in pre)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, taus) for k in a)
-    half = pcb_merge({k: v.half() if v.is_floating_point() else v for k, v in pre.items()},
-                     [{k: v.half() for k, v in t.items()} for t in taus])
+    half = pcb_merge(
+        {k: v.half() if v.is_floating_point() else v for k, v in pre.items()},
+        [{k: v.half() for k, v in t.items()} for t in taus],
+    )
     assert half["w"].dtype == torch.float16 and half["ids"].dtype == torch.int64
 
 
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(ratio=0.0), r"pcb ratio must lie in \(0, 1\]"),
-        (dict(ratio=1.2), r"pcb ratio must lie in \(0, 1\]"),
-        (dict(clamp=0.5), r"clamp quantile must lie in \[0, 0.5\)"),
-        (dict(lam=-1.0), "lam must be a finite number >= 0"),
-        (dict(lam=[1.0, 1.0]), "lam has 2 entries for 3 task vectors"),
-        (dict(lam=[1.0, float("nan"), 1.0]), r"lam\[1\] must be a finite number"),
+        ({"ratio": 0.0}, r"pcb ratio must lie in \(0, 1\]"),
+        ({"ratio": 1.2}, r"pcb ratio must lie in \(0, 1\]"),
+        ({"clamp": 0.5}, r"clamp quantile must lie in \[0, 0.5\)"),
+        ({"lam": -1.0}, "lam must be a finite number >= 0"),
+        ({"lam": [1.0, 1.0]}, "lam has 2 entries for 3 task vectors"),
+        ({"lam": [1.0, float("nan"), 1.0]}, r"lam\[1\] must be a finite number"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -69,8 +69,8 @@ def test_merge_entry_by_entry(merge, want):
 def test_lambda_zero_gives_pretrained_and_inputs_untouched():
     before = copy.deepcopy((PRE, TAUS))
     out = ties_merge(PRE, TAUS, keep=0.2, lam=0.0)
-    for k in PRE:
-        assert torch.equal(out[k], PRE[k])
+    for k, v in PRE.items():
+        assert torch.equal(out[k], v)
     ties_preprocess(TAUS, keep=0.5)
     for a, b in zip(before[1], TAUS):
         for k in a:
@@ -79,7 +79,10 @@ def test_lambda_zero_gives_pretrained_and_inputs_untouched():
 
 
 def test_keep_one_without_conflicts_is_task_arithmetic():
-    taus = [_tau([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0, 2.0]), _tau([0.3, 0.2, 0.1, 0.0, 0.5, 0.6], [1.0, 0.0])]
+    taus = [
+        _tau([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0, 2.0]),
+        _tau([0.3, 0.2, 0.1, 0.0, 0.5, 0.6], [1.0, 0.0]),
+    ]
     out = ties_merge(PRE, taus, keep=1.0, merge="sum", lam=0.5)
     for k in ("w", "b"):
         assert torch.allclose(out[k], PRE[k] + 0.5 * (taus[0][k] + taus[1][k]))
@@ -104,12 +107,12 @@ def test_dare_option_is_dare_then_ties():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(keep=0.0), r"keep ratio must lie in \(0, 1\]"),
-        (dict(keep=1.5), r"keep ratio must lie in \(0, 1\]"),
-        (dict(keep=float("nan")), "keep ratio"),
-        (dict(lam=-0.1), "lam must be a finite number >= 0"),
-        (dict(lam=float("inf")), "lam must be a finite number >= 0"),
-        (dict(merge="max"), "unknown TIES merge function 'max'"),
+        ({"keep": 0.0}, r"keep ratio must lie in \(0, 1\]"),
+        ({"keep": 1.5}, r"keep ratio must lie in \(0, 1\]"),
+        ({"keep": float("nan")}, "keep ratio"),
+        ({"lam": -0.1}, "lam must be a finite number >= 0"),
+        ({"lam": float("inf")}, "lam must be a finite number >= 0"),
+        ({"merge": "max"}, "unknown TIES merge function 'max'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -121,7 +124,9 @@ def test_bad_task_vectors():
     with pytest.raises(MergeError, match="empty list of task vectors"):
         ties_merge(PRE, [])
     bad_shape = dict(TAUS[1], w=torch.zeros(3, 2))
-    with pytest.raises(MergeError, match=r"task vector 1: shape mismatch at key 'w': expected \(2, 3\), got \(3, 2\)"):
+    with pytest.raises(
+        MergeError, match=r"task vector 1: shape mismatch at key 'w': expected \(2, 3\), got \(3, 2\)"
+    ):
         ties_merge(PRE, [TAUS[0], bad_shape])
     nan = dict(TAUS[2], b=torch.tensor([float("nan"), 0.0]))
     with pytest.raises(MergeError, match="task vector 2: key 'b' contains NaN"):

@@ -29,7 +29,9 @@ def check_ratio(value: float, name: str, *, allow_zero: bool = False, allow_one:
     return v
 
 
-def check_lam(value: float | Sequence[float], name: str = "lam", count: int | None = None) -> list[float] | float:
+def check_lam(
+    value: float | Sequence[float], name: str = "lam", count: int | None = None
+) -> list[float] | float:
     """A finite, non-negative scaling coefficient (or one per task vector when a sequence is given)."""
     if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.dim() == 0):
         v = float(value)

@@ -25,7 +25,7 @@ from adamerge.merging.ties import ties_merge
 if TYPE_CHECKING:
     from adamerge.models.pool import ModelPool
 
-__all__ = ["merge_pool", "METHODS"]
+__all__ = ["METHODS", "merge_pool"]
 
 
 def _streamed_sum(pool: ModelPool, tasks: Sequence[str] | None) -> tuple[dict[str, Tensor], int]:
@@ -85,7 +85,9 @@ METHODS: dict[str, Callable[..., dict[str, Tensor]]] = {
 
 
 @torch.no_grad()
-def merge_pool(pool: ModelPool, method: str, tasks: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Tensor]:
+def merge_pool(
+    pool: ModelPool, method: str, tasks: Sequence[str] | None = None, **kwargs: Any
+) -> dict[str, Tensor]:
     """Merge the pool's experts with a static method chosen by name; returns a new state dict.
 
     Args:

@@ -90,7 +90,9 @@ class OPCMerger:
         if not self._keys:
             raise MergeError("pretrained state dict has no floating-point tensors to merge")
         test = is_projected or is_linear_weight
-        self._projected = frozenset(k for k in self._keys if test(k, self.pretrained[k]) and self.pretrained[k].dim() == 2)
+        self._projected = frozenset(
+            k for k in self._keys if test(k, self.pretrained[k]) and self.pretrained[k].dim() == 2
+        )
         self._sum: dict[str, Tensor] | None = None  # S_t
         self.count = 0
         self.lambda_t = 1.0

@@ -25,7 +25,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from adamerge.merging._common import apply_tau, check_against_pretrained, check_lam, check_taus, float_keys, is_linear_weight
+from adamerge.merging._common import (
+    apply_tau,
+    check_against_pretrained,
+    check_lam,
+    check_taus,
+    float_keys,
+    is_linear_weight,
+)
 from adamerge.merging.task_vectors import MergeError, StateDict
 
 __all__ = ["optmerge", "optmerge_weight"]

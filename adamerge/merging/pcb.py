@@ -27,7 +27,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adamerge.merging._common import apply_tau, check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
+from adamerge.merging._common import (
+    apply_tau,
+    check_against_pretrained,
+    check_lam,
+    check_ratio,
+    check_taus,
+    float_keys,
+)
 from adamerge.merging.task_vectors import MergeError, StateDict, flatten
 
 __all__ = ["pcb_merge"]
@@ -94,12 +101,15 @@ def pcb_merge(
     def norm(k: int, key: str) -> Tensor:
         return _minmax(taus[k][key].float().abs(), *bounds[k])
 
-    signed_norm = {key: sum(torch.sign(t[key].float()) * norm(k, key) for k, t in enumerate(taus)) for key in keys}
+    signed_norm = {
+        key: sum(torch.sign(t[key].float()) * norm(k, key) for k, t in enumerate(taus)) for key in keys
+    }
     num = {key: torch.zeros(taus[0][key].shape) for key in keys}
     den = {key: torch.zeros(taus[0][key].shape) for key in keys}
     for k, tau in enumerate(taus):
         balancing = [
-            torch.exp(eta * norm(k, key) ** 2) * torch.tanh(tau[key].float() * signed_norm[key]) for key in keys
+            torch.exp(eta * norm(k, key) ** 2) * torch.tanh(tau[key].float() * signed_norm[key])
+            for key in keys
         ]
         for key, s in zip(keys, _scores(balancing, ratio)):
             t = tau[key].float()

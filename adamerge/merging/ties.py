@@ -27,12 +27,18 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import (
-    apply_tau, check_against_pretrained, check_lam, check_ratio, check_taus, float_keys, kth_largest,
+    apply_tau,
+    check_against_pretrained,
+    check_lam,
+    check_ratio,
+    check_taus,
+    float_keys,
+    kth_largest,
 )
 from adamerge.merging.dare import dare_all
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, flatten
 
-__all__ = ["ties_trim", "ties_elect_sign", "ties_preprocess", "ties_merge", "ties_threshold"]
+__all__ = ["ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
 
 MERGE_FUNCS = ("mean", "sum")
 
@@ -114,7 +120,7 @@ def ties_preprocess(taus: Sequence[StateDict], keep: float = 0.2) -> list[dict[s
     trimmed = [ties_trim(t, keep) for t in taus]
     gamma = ties_elect_sign(trimmed)
     out: list[dict[str, Tensor]] = [{} for _ in taus]
-    for key, first in taus[0].items():
+    for key in taus[0]:
         if key not in gamma:
             for o, t in zip(out, taus):
                 o[key] = t[key].clone()
