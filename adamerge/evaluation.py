@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from adamerge.data.source import TaskSource, check_split
 from adamerge.models.pool import ModelPool, zero_shot_logits
 
-__all__ = ["task_accuracy", "evaluate_encoder", "evaluate_experts", "normalized_accuracy", "log_dict"]
+__all__ = ["evaluate_encoder", "evaluate_experts", "log_dict", "normalized_accuracy", "task_accuracy"]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ LAB_B = torch.tensor([1, 0, 0, 0])
 
 
 class Source:
-    tasks = ["a", "b"]
+    tasks = ("a", "b")
 
     def dataset(self, task, split):
         feats, labels = (FEAT_A, LAB_A) if task == "a" else (FEAT_B, LAB_B)
@@ -114,7 +114,7 @@ def test_bad_inputs(pool):
         evaluate_encoder(pool.encoder, pool, Source(), ["a"], split="dev")
 
     class Partial(Source):
-        tasks = ["a"]
+        tasks = ("a",)
 
     with pytest.raises(ValueError, match="no task 'b'"):
         evaluate_encoder(pool.encoder, pool, Partial(), ["a", "b"])

@@ -244,11 +244,9 @@ def test_non_finite_weights_name_the_key(tmp_path, value, kind):
 
 def test_other_architecture_names_key_and_shapes(tmp_path):
     import open_clip
+    from conftest import TINY_TEXT, TINY_VISION
 
-    wide = open_clip.CLIP(
-        embed_dim=16, vision_cfg=dict(image_size=16, patch_size=8, width=48, layers=2, head_width=16),
-        text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1),
-    )
+    wide = open_clip.CLIP(embed_dim=16, vision_cfg={**TINY_VISION, "width": 48}, text_cfg=TINY_TEXT)
     path = save_state_dict(wide.visual.state_dict(), tmp_path / "wide.safetensors")
     with pytest.raises(CheckpointError, match=r"wide\.safetensors.*'class_embedding'.*\(32,\).*\(48,\)"):
         load_visual_state(path, reference=_visual_sd(make_tiny_clip()))
@@ -303,6 +301,6 @@ def test_save_does_not_mutate_and_handles_shared_storage(tmp_path):
     state = {"a": base[:3], "b": base[3:], "c": base.view(2, 3)}
     path = save_state_dict(state, tmp_path / "shared.safetensors")
     back = read_state_dict(path)
-    for k in state:
-        torch.testing.assert_close(back[k], state[k])
+    for k, v in state.items():
+        torch.testing.assert_close(back[k], v)
     torch.testing.assert_close(base, torch.arange(6.0))

@@ -65,14 +65,13 @@ def setup(tmp_path):
     }
     save_file(experts["tiny_colors"].visual.state_dict(), str(files["tiny_colors"]))
     torch.save(experts["tiny_shapes"].state_dict(), files["tiny_shapes"])
-    return dict(cfg=str(cfg), base=base, pretrained=str(pretrained), experts=experts,
-                files={t: str(p) for t, p in files.items()}, tmp=tmp_path)
+    return {"cfg": str(cfg), "base": base, "pretrained": str(pretrained), "experts": experts,
+            "files": {t: str(p) for t, p in files.items()}, "tmp": tmp_path}
 
 
 def _pool(s, **kw):
-    args = dict(model_name=NAME, pretrained=s["pretrained"], experts=s["files"], model_config=s["cfg"])
-    args.update(kw)
-    return OpenCLIPPool(**args)
+    args = {"model_name": NAME, "pretrained": s["pretrained"], "experts": s["files"], "model_config": s["cfg"]}
+    return OpenCLIPPool(**{**args, **kw})
 
 
 def test_pool_from_files(setup):

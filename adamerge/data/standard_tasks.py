@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from adamerge.data.registry import register_task
 
-__all__ = ["STANDARD_TASKS", "CLASSNAMES", "TEMPLATES"]
+__all__ = ["CLASSNAMES", "STANDARD_TASKS", "TEMPLATES"]
 
 SUN397 = (
     "abbey", "airplane cabin", "airport terminal", "alley", "amphitheater", "amusement arcade",

@@ -42,11 +42,11 @@ from adamerge.models.hf_clip import HFConversionError, convert_hf_vision_state, 
 __all__ = [
     "CheckpointError",
     "PickledCheckpointError",
-    "read_state_dict",
-    "to_visual_state",
-    "load_visual_state",
-    "save_state_dict",
     "atomic_path",
+    "load_visual_state",
+    "read_state_dict",
+    "save_state_dict",
+    "to_visual_state",
 ]
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")

@@ -28,10 +28,10 @@ from adamerge.models.checkpoints import CheckpointError, read_state_dict, save_s
 __all__ = [
     "build_zero_shot_head",
     "cached_zero_shot_head",
-    "logit_scale_of",
-    "text_tower_fingerprint",
-    "prompts_hash",
     "head_cache_path",
+    "logit_scale_of",
+    "prompts_hash",
+    "text_tower_fingerprint",
 ]
 
 Tokenizer = Callable[[list[str]], Tensor]

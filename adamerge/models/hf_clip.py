@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["is_hf_state", "convert_hf_vision_state", "hf_vision_config", "HF_WEIGHT_FILES"]
+__all__ = ["HF_WEIGHT_FILES", "convert_hf_vision_state", "hf_vision_config", "is_hf_state"]
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")

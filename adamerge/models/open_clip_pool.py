@@ -34,7 +34,7 @@ from adamerge.models.heads import cached_zero_shot_head, logit_scale_of, text_to
 from adamerge.models.hf_clip import hf_vision_config
 from adamerge.models.pool import ModelPool
 
-__all__ = ["OpenCLIPPool", "ExpertFile", "register_model_config", "load_clip"]
+__all__ = ["ExpertFile", "OpenCLIPPool", "load_clip", "register_model_config"]
 
 _LOCAL_DIR = "local-dir:"
 

@@ -17,7 +17,6 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,7 +24,7 @@ from adamerge.merging.task_vectors import MergeError, check_compatible, check_fi
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
 
-__all__ = ["ModelPool", "ExpertSource", "zero_shot_logits", "freeze"]
+__all__ = ["ExpertSource", "ModelPool", "freeze", "zero_shot_logits"]
 
 
 def zero_shot_logits(features: Tensor, head: Tensor, logit_scale: float | Tensor) -> Tensor:
