@@ -1,0 +1,183 @@
+"""AdaMerging as a LightningModule (Yang et al., ICLR 2024, arXiv 2310.02575).
+
+    min_λ  Σ_k  mean_b H( softmax( head_k( f(x_{k,b}; θ_0 + Σ_j λ_j τ_j) ) ) )
+
+task-wise (one λ_j per task) or layer-wise (one λ_j^l per tensor l), init 0.3, Adam lr 1e-3,
+λ clamped to [0, 1] in the merge (official code), AdaMerging++ when ``ties_keep`` is set (the τ_j
+TIES-trimmed and sign-elected first). Only λ is trained and checkpointed (kilobytes).
+
+Each step merges once and runs one forward over the concatenated per-task batches; evaluation
+merges once per epoch. ``export`` writes ``merged.safetensors`` (the merged encoder, via the pool)
+and the coefficients as ``coefficients.json`` and ``coefficients.safetensors``. With a
+``WandbLogger`` a heatmap of the coefficients (tasks × layers) is logged at validation epoch end.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from safetensors.torch import save_file
+from torch import Tensor
+from torch.func import functional_call
+
+from adamerge.components.adamerging import AdaMergingModel, Granularity
+from adamerge.components.losses import entropy
+from adamerge.models.pool import ModelPool
+from adamerge.systems.base import TestTimeSystem, default_optimizer
+
+__all__ = ["AdaMerging", "coefficient_heatmap"]
+
+
+class AdaMerging(TestTimeSystem):
+    """Test-time learned merging coefficients by entropy minimisation.
+
+    Args:
+        pool: the model pool (pretrained encoder, experts, zero-shot heads).
+        tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
+        granularity: ``"task"`` (one coefficient per task) or ``"layer"`` (one per tensor per task).
+        init: initial value of every coefficient.
+        clamp: clamp coefficients to [0, 1] inside the merge.
+        ties_keep: AdaMerging++: TIES-preprocess the task vectors keeping this fraction (e.g. 0.2);
+            ``None`` for plain AdaMerging.
+        tv_dtype: storage dtype of the task vectors, ``"float32"`` or ``"bfloat16"`` (half memory).
+        optimizer: optimizer for the coefficients (default Adam, lr 1e-3).
+        export_dir: if set, the merged model, coefficients and ``metrics.json`` go here after fit.
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        tasks: list[str] | None = None,
+        granularity: Granularity = "layer",
+        init: float = 0.3,
+        clamp: bool = True,
+        ties_keep: float | None = None,
+        tv_dtype: str = "float32",
+        optimizer: OptimizerCallable = default_optimizer,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(pool, tasks, optimizer, export_dir)
+        self.model = AdaMergingModel.from_pool(
+            pool,
+            self.tasks,
+            granularity=granularity,
+            init=init,
+            clamp=clamp,
+            ties_keep=ties_keep,
+            tv_dtype=tv_dtype,
+        )
+        self._eval_params: dict[str, Tensor] | None = None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def encode(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Features of the merged encoder (``params``: precomputed merged weights, else merge now)."""
+        params = self.model.merged_parameters() if params is None else params
+        return functional_call(self.model.encoder, dict(params), (images,))
+
+    def task_logits(self, task: str, images: Tensor) -> Tensor:
+        return self.logits(task, self.encode(images, self._eval_params))
+
+    def adaptation_losses(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One merge, one forward over all tasks' batches (split back per task), entropy per task."""
+        params = self.model.merged_parameters()
+        tasks = list(images)
+        shapes = {tuple(x.shape[1:]) for x in images.values()}
+        if len(shapes) == 1:
+            feats = self.encode(torch.cat([images[t] for t in tasks]), params)
+            feats = torch.split(feats, [images[t].shape[0] for t in tasks])
+        else:
+            feats = [self.encode(images[t], params) for t in tasks]
+        return {t: entropy(self.logits(t, f)).mean() for t, f in zip(tasks, feats)}
+
+    def _freeze_merge(self) -> None:
+        with torch.no_grad():
+            self._eval_params = {k: v.detach() for k, v in self.model.merged_parameters().items()}
+
+    def on_validation_epoch_start(self) -> None:
+        self._freeze_merge()
+
+    def on_test_epoch_start(self) -> None:
+        self._freeze_merge()
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_params = None
+        super().on_validation_epoch_end()
+        if not self.trainer.sanity_checking:
+            self._log_heatmap()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_params = None
+        super().on_test_epoch_end()
+
+    # ---- W&B heatmap -----------------------------------------------------------------------
+    def _log_heatmap(self) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        import wandb
+
+        fig = coefficient_heatmap(
+            self.model.coefficients().detach().cpu(), self.tasks, self.model.layer_names
+        )
+        try:
+            for lg in loggers:
+                lg.experiment.log(
+                    {"coefficients/heatmap": wandb.Image(fig), "trainer/global_step": self.global_step}
+                )
+        finally:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+    # ---- export ----------------------------------------------------------------------------
+    def coefficients_dict(self) -> dict:
+        """The effective coefficients as plain data: tasks, layer names, ``[K][L]`` values."""
+        coef = self.model.coefficients().detach().cpu()
+        return {
+            "granularity": self.model.granularity,
+            "clamp": self.model.clamp,
+            "tasks": list(self.tasks),
+            "layers": list(self.model.layer_names),
+            "coefficients": coef.tolist(),
+        }
+
+    def export(self, directory: Path) -> None:
+        """Write ``merged.safetensors``, ``coefficients.json``/``.safetensors``, ``learned.safetensors``."""
+        super().export(directory)
+        state = self.model.merged_state_dict()
+        target = directory / "merged.safetensors"
+        if hasattr(self.pool, "export"):
+            self.pool.export(state, target)
+        else:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+        data = self.coefficients_dict()
+        (directory / "coefficients.json").write_text(json.dumps(data, indent=1))
+        save_file(
+            {"coefficients": self.model.coefficients().detach().cpu().contiguous()},
+            str(directory / "coefficients.safetensors"),
+            metadata={"tasks": json.dumps(self.tasks), "layers": json.dumps(self.model.layer_names)},
+        )
+
+
+def coefficient_heatmap(coefficients: Tensor, tasks: list[str], layers: list[str]):
+    """A matplotlib figure of the ``[K, L]`` coefficients (tasks × layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    k, n = coefficients.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.08 * n, 24), 1 + 0.4 * k))
+    im = ax.imshow(coefficients.float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(k), labels=tasks)
+    ax.set_xlabel(f"layer (parameter tensor, {n} in all)")
+    ax.set_title("AdaMerging coefficients λ")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,154 @@
+"""AdaMerging LightningModule: a short fit lowers the entropy; checkpoints, export and W&B heatmap."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_pool
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
+from test_data_datamodule import TinySource
+
+from adamerge.components.losses import entropy
+from adamerge.data.datamodule import TestTimeDataModule
+from adamerge.models.pool import ModelPool
+from adamerge.systems.adamerging import AdaMerging, coefficient_heatmap
+from adamerge.systems.base import CheckpointMismatchError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def soft_pool(name: str = "tiny", logit_scale: float = 10.0) -> ModelPool:
+    """The tiny pool with a moderate logit scale (entropy far from saturated), task vectors enlarged."""
+    p = make_tiny_pool(scale=0.2)
+    return ModelPool(p.encoder, {t: p.expert_state(t) for t in p.tasks}, p.heads, logit_scale, name=name)
+
+
+def trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path,
+                "num_sanity_val_steps": 0, "limit_val_batches": 0}
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def summed_entropy(system: AdaMerging, src: TinySource) -> float:
+    with torch.no_grad():
+        return sum(entropy(system.task_logits(t, src.dataset(t, "test").tensors[0])).mean().item()
+                   for t in system.tasks)
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_short_fit_lowers_entropy(tmp_path, granularity):
+    pool, src = soft_pool(), TinySource(n=16)
+    system = AdaMerging(pool, granularity=granularity,
+                        optimizer=lambda params: torch.optim.Adam(params, lr=0.05))
+    before = summed_entropy(system, src)
+    dm = TestTimeDataModule(src, batch_size=8, steps_per_epoch=15)
+    trainer(tmp_path, max_steps=15).fit(system, dm)
+    after = summed_entropy(system, src)
+    print(f"summed entropy {before:.4f} -> {after:.4f}")
+    assert after < before - 0.05, (before, after)
+    coef = system.model.coefficients()
+    assert not torch.allclose(coef, torch.full_like(coef, 0.3))
+    assert coef.min() >= 0 and coef.max() <= 1
+
+
+def test_adaptation_losses_match_per_task_forward():
+    pool = soft_pool()
+    system = AdaMerging(pool, granularity="layer")
+    g = torch.Generator().manual_seed(2)
+    images = {t: torch.randn(3, 3, 16, 16, generator=g) for t in pool.tasks}
+    losses = system.adaptation_losses(images)  # one merge, one concatenated forward
+    encoder = pool.build_encoder(system.model.merged_state_dict())
+    for t, x in images.items():
+        logits = pool.logit_scale * F.normalize(encoder(x), dim=-1) @ pool.heads[t].t()
+        torch.testing.assert_close(losses[t], entropy(logits).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_validation_names_and_values(tmp_path):
+    pool, src = soft_pool(), TinySource(n=10)
+    system = AdaMerging(pool, granularity="task")
+    dm = TestTimeDataModule(src, eval_batch_size=4)
+    metrics = trainer(tmp_path, limit_val_batches=None).validate(system, dm, verbose=False)[0]
+    encoder = pool.build_encoder(system.model.merged_state_dict())
+    accs = []
+    for t in pool.tasks:
+        x, y = src.dataset(t, "test").tensors
+        accs.append((encoder(x) @ pool.heads[t].t()).argmax(-1).eq(y).float().mean().item())
+        assert metrics[f"val/acc/{t}"] == pytest.approx(accs[-1], abs=1e-6)
+    assert metrics["val/acc/avg"] == pytest.approx(sum(accs) / 3, abs=1e-6)
+    assert set(metrics) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
+
+
+def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
+    pool = soft_pool()
+    system = AdaMerging(pool, granularity="layer", optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    dm = TestTimeDataModule(TinySource(n=8), batch_size=4, steps_per_epoch=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(system, dm)
+    path = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(path, weights_only=False)
+    assert list(state["state_dict"]) == ["model.lambdas"]
+    assert state["hyper_parameters"]["granularity"] == "layer"
+    assert path.stat().st_size < 20_000
+    restored = AdaMerging.load_from_checkpoint(path, pool=pool)
+    torch.testing.assert_close(restored.model.lambdas, system.model.lambdas)
+    other = soft_pool(name="other-pool")
+    with pytest.raises(CheckpointMismatchError, match="pool 'tiny'.*'other-pool'"):
+        AdaMerging.load_from_checkpoint(path, pool=other)
+    with pytest.raises(CheckpointMismatchError, match="tasks"):
+        AdaMerging.load_from_checkpoint(path, pool=pool, tasks=["task0", "task1"])
+    with pytest.raises(RuntimeError, match="size mismatch"):  # task-wise cannot take layer-wise λ
+        AdaMerging.load_from_checkpoint(path, pool=pool, granularity="task")
+
+
+def test_export_writes_merged_model_and_coefficients(tmp_path):
+    pool = soft_pool()
+    out = tmp_path / "export"
+    system = AdaMerging(pool, granularity="layer", export_dir=str(out))
+    dm = TestTimeDataModule(TinySource(n=8), batch_size=4, eval_batch_size=8, steps_per_epoch=2)
+    trainer(tmp_path, max_steps=2, limit_val_batches=None).fit(system, dm)
+    merged = load_file(out / "merged.safetensors")
+    expected = system.model.merged_state_dict()
+    assert set(merged) == set(pool.pretrained_state())
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k], v)
+    data = json.loads((out / "coefficients.json").read_text())
+    assert data["tasks"] == pool.tasks and data["layers"] == system.model.layer_names
+    torch.testing.assert_close(torch.tensor(data["coefficients"]), system.model.coefficients().detach())
+    torch.testing.assert_close(load_file(out / "coefficients.safetensors")["coefficients"],
+                               system.model.coefficients().detach())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
+
+
+def test_heatmap_figure_and_wandb_logging(tmp_path, monkeypatch):
+    coef = torch.rand(3, 7)
+    fig = coefficient_heatmap(coef, ["a", "b", "c"], [f"l{i}" for i in range(7)])
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (3, 7) and torch.allclose(torch.tensor(image.data), coef)
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(project="adamerge-test", save_dir=str(tmp_path), offline=True)
+    system = AdaMerging(soft_pool(), granularity="layer")
+    dm = TestTimeDataModule(TinySource(n=8), batch_size=4, eval_batch_size=8, steps_per_epoch=2)
+    trainer(tmp_path, max_steps=2, limit_val_batches=None, logger=logger, log_every_n_steps=1).fit(system, dm)
+    run_dir = logger.experiment.dir
+    logger.experiment.finish()
+    media = [f for _, _, files in os.walk(os.path.dirname(run_dir)) for f in files if f.endswith(".png")]
+    assert any(name.startswith("heatmap") for name in media), media
