@@ -37,24 +37,35 @@ def soft_pool(name: str = "tiny", logit_scale: float = 10.0) -> ModelPool:
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path,
-                "num_sanity_val_steps": 0, "limit_val_batches": 0}
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
     defaults.update(kwargs)
     return L.Trainer(**defaults)
 
 
 def summed_entropy(system: AdaMerging, src: TinySource) -> float:
     with torch.no_grad():
-        return sum(entropy(system.task_logits(t, src.dataset(t, "test").tensors[0])).mean().item()
-                   for t in system.tasks)
+        return sum(
+            entropy(system.task_logits(t, src.dataset(t, "test").tensors[0])).mean().item()
+            for t in system.tasks
+        )
 
 
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_short_fit_lowers_entropy(tmp_path, granularity):
     pool, src = soft_pool(), TinySource(n=16)
-    system = AdaMerging(pool, granularity=granularity,
-                        optimizer=lambda params: torch.optim.Adam(params, lr=0.05))
+    system = AdaMerging(
+        pool, granularity=granularity, optimizer=lambda params: torch.optim.Adam(params, lr=0.05)
+    )
     before = summed_entropy(system, src)
     dm = TestTimeDataModule(src, batch_size=8, steps_per_epoch=15)
     trainer(tmp_path, max_steps=15).fit(system, dm)
@@ -129,8 +140,9 @@ def test_export_writes_merged_model_and_coefficients(tmp_path):
     data = json.loads((out / "coefficients.json").read_text())
     assert data["tasks"] == pool.tasks and data["layers"] == system.model.layer_names
     torch.testing.assert_close(torch.tensor(data["coefficients"]), system.model.coefficients().detach())
-    torch.testing.assert_close(load_file(out / "coefficients.safetensors")["coefficients"],
-                               system.model.coefficients().detach())
+    torch.testing.assert_close(
+        load_file(out / "coefficients.safetensors")["coefficients"], system.model.coefficients().detach()
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
 
