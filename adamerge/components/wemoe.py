@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from adamerge.merging.task_vectors import check_compatible
 
 __all__ = [
+    "LINEARS",
     "WEMoEError",
     "WEMoEModel",
     "WeightEnsemblingMLP",
@@ -63,7 +64,7 @@ __all__ = [
 ]
 
 Impl = Literal["weights", "experts"]
-_LINEARS = ("fc", "proj")
+LINEARS = ("fc", "proj")
 
 
 class WEMoEError(ValueError):
@@ -331,7 +332,7 @@ class WEMoEModel(nn.Module):
 def _mlp_state_keys(blocks: Sequence[tuple[str, nn.Module]]) -> dict[str, dict[str, tuple[str, str]]]:
     """block name → {"fc"/"proj": (weight key, bias key)} in the encoder's state dict."""
     return {
-        name: {k: (f"{name}.mlp.c_{k}.weight", f"{name}.mlp.c_{k}.bias") for k in _LINEARS}
+        name: {k: (f"{name}.mlp.c_{k}.weight", f"{name}.mlp.c_{k}.bias") for k in LINEARS}
         for name, _ in blocks
     }
 

@@ -1,0 +1,262 @@
+"""WEMoE and E-WEMoE as LightningModules: routers of weight-ensembling MLPs trained at test time.
+
+    W_b = W_0 + Σ_k r_bk(x) τ_k  in every block's MLP,   min_routers  Σ_k mean_b H(softmax(logits_k(x_k,b)))
+
+Tang et al., "Merging Multi-Task Models via Weight-Ensembling Mixture of Experts", ICML 2024,
+arXiv 2402.00433; E-WEMoE: Shen et al., arXiv 2410.21804. The model is
+:mod:`adamerge.components.wemoe` (equations, router definition, batched per-sample merging). Defaults
+follow the paper's code: non-MLP weights by task arithmetic λ = 0.3, routers' last bias 0.3, entropy
+loss summed over tasks, Adam lr 1e-4, 1000 steps, batch 16 per task (steps and batch live in the
+trainer / data config). During training the routing weights are averaged over each task's batch
+(``batch_reduce``, the FusionBench default: one merge per task per step, memory of a plain model);
+at evaluation every sample gets its own merged MLP.
+
+Checkpoints hold only the routers (7.16M numbers for ViT-B/32 with 8 tasks; E-WEMoE ~0.6M).
+``export`` writes ``learned.safetensors`` (routers), ``wemoe.safetensors`` (routers, merged non-MLP
+weights, W_0 and the MLP task vectors: everything :func:`load_wemoe` needs to rebuild the model on
+the same architecture) and ``wemoe.json`` (tasks, configuration, counts).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from adamerge.components.wemoe import LINEARS, WEMoEError, WEMoEModel, assemble, find_mlp_blocks, upscale
+from adamerge.models.checkpoints import load_visual_state
+from adamerge.models.pool import ModelPool
+from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
+
+__all__ = ["EWEMoE", "WEMoE", "load_wemoe", "save_wemoe", "wemoe_optimizer"]
+
+_PREFIX = "model."
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def wemoe_optimizer(params) -> torch.optim.Optimizer:
+    """Adam, lr 1e-4, betas (0.9, 0.999): the WEMoE default."""
+    return torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.999))
+
+
+class WEMoE(TestTimeSystem):
+    """Weight-ensembling MoE routers trained by test-time entropy minimisation.
+
+    Args:
+        pool: the model pool (pretrained encoder, experts, zero-shot heads).
+        tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
+        init_lambda: initial routing weight of every expert (the routers' last bias).
+        scaling_factor: λ of the task arithmetic that merges every non-MLP parameter.
+        merged_state: path of a merged image-encoder state dict (e.g. an AdaMerging run's
+            ``merged.safetensors``) to take the non-MLP parameters from instead of task arithmetic.
+        router_hidden_layers: hidden Linear(d, d) → ReLU stages per router: 0 (linear router),
+            1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
+        shared_router: one router for all blocks (E-WEMoE) instead of one per block.
+        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
+        batch_reduce: while training, average the routing weights over each task's batch (one merge
+            per batch); evaluation always merges per sample.
+        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
+        impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
+            through the K task vectors); see ``adamerge.components.wemoe.ensemble_linear``.
+        optimizer: optimizer for the routers (default Adam, lr 1e-4).
+        export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        tasks: list[str] | None = None,
+        init_lambda: float = 0.3,
+        scaling_factor: float = 0.3,
+        merged_state: str | None = None,
+        router_hidden_layers: int = 1,
+        shared_router: bool = False,
+        keep_ratio: float = 1.0,
+        batch_reduce: bool = True,
+        tau_dtype: str = "float32",
+        impl: str = "weights",
+        optimizer: OptimizerCallable = wemoe_optimizer,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(pool, tasks, optimizer, export_dir)
+        if tau_dtype not in _DTYPES:
+            raise ValueError(f"tau_dtype must be one of {sorted(_DTYPES)}, got {tau_dtype!r}")
+        merged = None
+        if merged_state is not None:
+            merged = load_visual_state(merged_state, reference=pool.pretrained_state())
+        self.model = upscale(
+            pool,
+            self.tasks,
+            init_lambda=init_lambda,
+            scaling_factor=scaling_factor,
+            merged_state=merged,
+            router_hidden_layers=router_hidden_layers,
+            shared_router=shared_router,
+            keep_ratio=keep_ratio,
+            tau_dtype=_DTYPES[tau_dtype],
+        )
+        self.model.config["merged_state"] = None if merged_state is None else str(merged_state)
+        self.model.set_impl(impl)
+        self.batch_reduce = bool(batch_reduce)
+
+    def task_logits(self, task: str, images: Tensor) -> Tensor:
+        return self.logits(task, self.model(images))
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        self.model.set_batch_reduce(self.batch_reduce)
+        try:
+            return super().training_step(batch, batch_idx)
+        finally:
+            self.model.set_batch_reduce(False)
+
+    def learnable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.routers.parameters())
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        self.check_router_state(state, source="checkpoint")
+
+    def check_router_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Raise :class:`CheckpointMismatchError` unless ``state`` (system keys) fits these routers."""
+        routers = {k[len(_PREFIX) :]: v for k, v in state.items() if k.startswith(_PREFIX)}
+        try:
+            self.model.check_router_state(routers, source=source)
+        except WEMoEError as e:
+            raise CheckpointMismatchError(str(e)) from None
+
+    def load_routers(self, path: str | os.PathLike) -> None:
+        """Load routers from an export's ``learned.safetensors`` (same tasks and router layout)."""
+        state = load_file(str(path))
+        self.check_router_state(state, source=str(path))
+        self.load_state_dict(state)
+
+    # ---- export ------------------------------------------------------------------------------
+    def export(self, directory: Path) -> None:
+        """Write ``learned.safetensors`` (routers), ``wemoe.safetensors`` and ``wemoe.json``."""
+        directory = Path(directory)
+        super().export(directory)
+        save_wemoe(self.model, directory, extra={"system": type(self).__name__})
+
+
+class EWEMoE(WEMoE):
+    """E-WEMoE: WEMoE with MLP task vectors pruned to their top 10% and one router shared by all blocks.
+
+    Args:
+        pool: the model pool (pretrained encoder, experts, zero-shot heads).
+        tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
+        init_lambda: initial routing weight of every expert (the router's last bias).
+        scaling_factor: λ of the task arithmetic that merges every non-MLP parameter.
+        merged_state: path of a merged image-encoder state dict for the non-MLP parameters.
+        router_hidden_layers: hidden Linear(d, d) → ReLU stages of the router (1 = paper).
+        shared_router: one router for all blocks (the E-WEMoE default).
+        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept.
+        batch_reduce: while training, average the routing weights over each task's batch.
+        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
+        impl: per-sample evaluation, ``weights`` or ``experts``.
+        optimizer: optimizer for the router (default Adam, lr 1e-4).
+        export_dir: if set, router, the upscaled model and ``metrics.json`` go here after fit.
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        tasks: list[str] | None = None,
+        init_lambda: float = 0.3,
+        scaling_factor: float = 0.3,
+        merged_state: str | None = None,
+        router_hidden_layers: int = 1,
+        shared_router: bool = True,
+        keep_ratio: float = 0.1,
+        batch_reduce: bool = True,
+        tau_dtype: str = "float32",
+        impl: str = "weights",
+        optimizer: OptimizerCallable = wemoe_optimizer,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            pool,
+            tasks,
+            init_lambda,
+            scaling_factor,
+            merged_state,
+            router_hidden_layers,
+            shared_router,
+            keep_ratio,
+            batch_reduce,
+            tau_dtype,
+            impl,
+            optimizer,
+            export_dir,
+        )
+
+
+# ---- whole-model files ---------------------------------------------------------------------------
+def save_wemoe(model: WEMoEModel, directory: str | os.PathLike, extra: dict | None = None) -> dict:
+    """Write ``wemoe.safetensors`` (every tensor of the upscaled model) and ``wemoe.json``; return the JSON."""
+    directory = Path(directory)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}
+    tensors.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers()})
+    meta = {
+        "format": "adamerge.wemoe/1",
+        **(extra or {}),
+        "tasks": list(model.tasks),
+        "num_blocks": len(model.mlps),
+        "num_routers": len(model.routers),
+        "trainable_parameters": model.trainable_parameter_count(),
+        "stored_numbers": sum(t.numel() for t in tensors.values()),
+        "config": model.config,
+        "rebuild": "adamerge.systems.wemoe.load_wemoe(directory, encoder) with encoder = the pool's encoder",
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "wemoe.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"tasks": json.dumps(model.tasks)})
+    os.replace(tmp, directory / "wemoe.safetensors")
+    (directory / "wemoe.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_wemoe(directory: str | os.PathLike, encoder: nn.Module) -> WEMoEModel:
+    """Rebuild a model written by :func:`save_wemoe` on a copy of ``encoder`` (same architecture).
+
+    Args:
+        directory: the export folder (``wemoe.json`` and ``wemoe.safetensors``).
+        encoder: an encoder of the same architecture (e.g. ``pool.encoder``); it is not modified.
+    """
+    directory = Path(directory)
+    for name in ("wemoe.json", "wemoe.safetensors"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} has no {name}: not a WEMoE export")
+    meta = json.loads((directory / "wemoe.json").read_text())
+    tensors = load_file(str(directory / "wemoe.safetensors"))
+    enc = copy.deepcopy(encoder)
+    K = len(meta["tasks"])
+    taus = {}
+    for name, block in find_mlp_blocks(enc):
+        taus[name] = {}
+        for k in LINEARS:
+            lin = getattr(block.mlp, f"c_{k}")
+            taus[name][k] = (torch.empty(K, *lin.weight.shape), torch.empty(K, *lin.bias.shape))
+    model = assemble(enc, taus, meta["tasks"], meta["config"])
+    own = dict(model.named_parameters())
+    own.update(model.named_buffers())
+    missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise WEMoEError(f"{directory}: the export does not fit this encoder ({what})")
+    with torch.no_grad():
+        for name, t in own.items():
+            src = tensors[name]
+            if tuple(t.shape) != tuple(src.shape):
+                raise WEMoEError(
+                    f"{directory}: shape mismatch at {name!r}: file {tuple(src.shape)}, model {tuple(t.shape)}"
+                )
+            t.data = src.to(t.dtype) if isinstance(t, nn.Parameter) else src
+    return model
