@@ -1,0 +1,58 @@
+"""The built-in mini benchmark: six real-image tasks, a tiny CLIP pretrained offline, real experts.
+
+``MiniBenchmark(preset, seed).build()`` builds it once (minutes on a laptop CPU) into a user cache
+and loads it afterwards; :class:`MiniBenchmarkSource` and :class:`MiniBenchmarkPool` are thin,
+LightningCLI-friendly views of the same cache entry (``class_path: adamerge.data.mini.MiniBenchmarkPool``).
+"""
+
+from __future__ import annotations
+
+from torch.utils.data import Dataset
+
+from adamerge.data.mini.benchmark import MiniBenchmark
+from adamerge.data.mini.model import PRESETS, MiniConfig
+from adamerge.data.mini.sources import MissingSourceError
+from adamerge.data.mini.tasks import MINI_TASKS, TASK_NAMES
+from adamerge.models.pool import ModelPool
+
+__all__ = ["MiniBenchmark", "MiniBenchmarkSource", "MiniBenchmarkPool", "MiniConfig", "PRESETS",
+           "MINI_TASKS", "TASK_NAMES", "MissingSourceError"]
+
+
+class MiniBenchmarkSource:
+    """The mini benchmark's datasets as a :class:`adamerge.data.source.TaskSource`.
+
+    Args:
+        preset: ``"default"`` or ``"tiny"``.
+        seed: model seed of the build (the splits do not depend on it).
+        cache_dir: cache root (default ``$ADAMERGE_CACHE`` / ``$XDG_CACHE_HOME/adamerge`` / ``~/.cache/adamerge``).
+        build: build (or load) the models too; not needed for the data alone.
+    """
+
+    def __init__(self, preset: str = "default", seed: int = 0, cache_dir: str | None = None,
+                 build: bool = True) -> None:
+        self.benchmark = MiniBenchmark(preset, seed, cache_dir)
+        if build:
+            self.benchmark.build()
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.benchmark.tasks
+
+    def dataset(self, task: str, split: str) -> Dataset:
+        return self.benchmark.dataset(task, split)
+
+
+class MiniBenchmarkPool(ModelPool):
+    """The mini benchmark's model pool (built or loaded from the cache on construction).
+
+    Args:
+        preset: ``"default"`` or ``"tiny"``.
+        seed: model seed of the build.
+        cache_dir: cache root (default ``$ADAMERGE_CACHE`` / ``$XDG_CACHE_HOME/adamerge`` / ``~/.cache/adamerge``).
+    """
+
+    def __init__(self, preset: str = "default", seed: int = 0, cache_dir: str | None = None) -> None:
+        self.benchmark = MiniBenchmark(preset, seed, cache_dir).build()
+        p = self.benchmark.pool()
+        super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name)
