@@ -91,8 +91,10 @@ HF_VISION_CONFIG = {
 def write_hf_folder(folder, clip, kind="vision", fmt="safetensors"):
     folder.mkdir()
     visual = _visual_sd(clip)
-    if kind == "vision":
+    if kind in ("vision", "vision_bare"):
         state = to_hf(visual, projection=False)
+        if kind == "vision_bare":  # transformers >= 5 drops the vision_model. prefix
+            state = {k.removeprefix("vision_model."): v for k, v in state.items()}
         cfg = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **HF_VISION_CONFIG}
     else:
         state = to_hf(visual, projection=True)
@@ -157,10 +159,11 @@ def test_pickled_file_naming_an_unimportable_module(tmp_path):
         load_visual_state(path, allow_pickle=True)
 
 
+@pytest.mark.parametrize("kind", ["vision", "vision_bare"])
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", "sharded"])
-def test_hf_clip_vision_folder_with_pretrained_projection(tmp_path, fmt):
+def test_hf_clip_vision_folder_with_pretrained_projection(tmp_path, fmt, kind):
     clip = make_tiny_clip(seed=3)
-    folder = write_hf_folder(tmp_path / "hf", clip, kind="vision", fmt=fmt)
+    folder = write_hf_folder(tmp_path / "hf", clip, kind=kind, fmt=fmt)
     with pytest.raises(CheckpointError, match="visual_projection.*projection="):
         load_visual_state(folder)
     loaded = load_visual_state(folder, reference=_visual_sd(clip), projection=clip.visual.proj.detach())
@@ -188,7 +191,8 @@ def test_hf_conversion_matches_transformers_when_installed(tmp_path):
     clip = make_tiny_clip(seed=3)
     hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**HF_VISION_CONFIG)).eval()
     missing, unexpected = hf.load_state_dict(to_hf(_visual_sd(clip)), strict=False)
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected
+    # position_ids: a persistent buffer in older transformers, non-persistent in newer ones
+    assert not [k for k in missing + unexpected if "position_ids" not in k]
     folder = tmp_path / "hf"
     folder.mkdir()
     hf.save_pretrained(folder)
@@ -198,6 +202,18 @@ def test_hf_conversion_matches_transformers_when_installed(tmp_path):
     target = make_tiny_clip(seed=11).visual
     target.load_state_dict(loaded)
     torch.testing.assert_close(target(_images()), ref, rtol=1e-4, atol=1e-5)
+    # a plain CLIPVisionModel folder (no projection) written by transformers itself
+    plain = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**HF_VISION_CONFIG))
+    plain_keys = set(plain.state_dict())
+    vision = {k: v for k, v in hf.state_dict().items() if not k.startswith("visual_projection")}
+    if not set(vision) & plain_keys:  # transformers >= 5: no vision_model. prefix
+        vision = {k.removeprefix("vision_model."): v for k, v in vision.items()}
+    missing, unexpected = plain.load_state_dict(vision, strict=False)
+    assert not [k for k in missing + unexpected if "position_ids" not in k]
+    plain.save_pretrained(tmp_path / "plain")
+    again = load_visual_state(tmp_path / "plain", reference=_visual_sd(clip), projection=clip.visual.proj.detach())
+    for k, v in loaded.items():
+        torch.testing.assert_close(again[k], v, rtol=0, atol=0)
 
 
 # ---- bad input -------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Hugging Face CLIP vision weights → open_clip ``model.visual`` keys, without ``transformers``.
 
 FusionBench ships its experts as HF ``CLIPVisionModel`` folders (``config.json`` +
-``model.safetensors`` or ``pytorch_model.bin``, keys ``vision_model.*``). This module reads those
+``model.safetensors`` or ``pytorch_model.bin``, keys ``vision_model.*``; transformers ≥ 5 writes the
+same keys without the ``vision_model.`` prefix, which is accepted too). This module reads those
 files directly and renames / reshapes the tensors into open_clip's ``VisionTransformer`` layout, so
 the optional ``transformers`` package is never imported.
 
@@ -45,6 +46,8 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
                    "pytorch_model.bin.index.json")
 
 _PREFIX = "vision_model."
+_BARE = ("embeddings.", "encoder.layers.", "pre_layrnorm.", "post_layernorm.")
+_BARE_MARKER = "embeddings.patch_embedding.weight"
 _LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
 _TOP = {
     "embeddings.class_embedding": "class_embedding",
@@ -75,9 +78,16 @@ class HFConversionError(ValueError):
     """An HF CLIP state dict that cannot be mapped onto open_clip's visual tower."""
 
 
+def _with_prefix(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """transformers ≥ 5 saves a CLIPVisionModel without the ``vision_model.`` prefix: add it back."""
+    if _BARE_MARKER not in state or any(k.startswith(_PREFIX) for k in state):
+        return state
+    return {(_PREFIX + k if k.startswith(_BARE) else k): v for k, v in state.items()}
+
+
 def is_hf_state(state: Mapping[str, Tensor]) -> bool:
-    """True if ``state`` looks like an HF CLIPModel / CLIPVisionModel state dict."""
-    return any(k.startswith(_PREFIX) for k in state)
+    """True if ``state`` looks like an HF CLIPModel / CLIPVisionModel state dict (either key layout)."""
+    return _BARE_MARKER in state or any(k.startswith(_PREFIX) for k in state)
 
 
 def hf_vision_config(folder: str | Path) -> dict:
@@ -111,6 +121,7 @@ def convert_hf_vision_state(
         projection: open_clip ``proj`` ``[W, E]`` used when ``state`` has no ``visual_projection``.
         source: how the state dict is called in error messages (usually its file name).
     """
+    state = _with_prefix(state)
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, t in state.items():
