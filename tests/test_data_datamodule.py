@@ -155,3 +155,14 @@ def test_eval_split_val_and_images_only():
     images, _ = next(iter(dm.val_dataloader()[1]))
     torch.testing.assert_close(images, src.dataset("task1", "val").tensors[0])
     assert torch.equal(ImagesOnly(src.dataset("task0", "test"))[2], src.dataset("task0", "test")[2][0])
+
+
+def test_train_loaders_are_resumable_and_warn_on_changed_stream():
+    src = TinySource()
+    loader = TestTimeDataModule(src, batch_size=4, seed=1).train_dataloader().flattened[0]
+    state = loader.state_dict()
+    assert state == {"seed": 1, "batch_size": 4, "num_replicas": 1, "stream_id": 0}
+    loader.load_state_dict(state)  # same stream: silent
+    other = TestTimeDataModule(src, batch_size=8, seed=1).train_dataloader().flattened[0]
+    with pytest.warns(UserWarning, match="different data stream.*batch_size"):
+        other.load_state_dict(state)

@@ -164,3 +164,25 @@ def test_heatmap_figure_and_wandb_logging(tmp_path, monkeypatch):
     logger.experiment.finish()
     media = [f for _, _, files in os.walk(os.path.dirname(run_dir)) for f in files if f.endswith(".png")]
     assert any(name.startswith("heatmap") for name in media), media
+
+
+def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
+    pool, src = soft_pool(), TinySource(n=12)
+
+    def run(max_steps, ckpt_path=None, callbacks=()):
+        L.seed_everything(0, verbose=False)
+        system = AdaMerging(pool, granularity="layer", optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+        dm = TestTimeDataModule(src, batch_size=4, steps_per_epoch=4, seed=3)
+        tr = trainer(
+            tmp_path, max_steps=max_steps, enable_checkpointing=bool(callbacks), callbacks=list(callbacks)
+        )
+        tr.fit(system, dm, ckpt_path=ckpt_path)
+        return system.model.lambdas.detach().clone()
+
+    full = run(6)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    first = run(3, callbacks=[ckpt])  # killed mid-way through the first epoch (step 3 of 4)
+    assert not torch.allclose(first, full)
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=1, save_last=True)
+    resumed = run(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt", callbacks=[again])
+    torch.testing.assert_close(resumed, full)

@@ -10,7 +10,8 @@ data is ``randperm(n)`` drawn from a generator seeded by ``(seed, task index, c)
 ranks like ``DistributedSampler`` (rank r takes entries r, r+W, …), so under DDP every rank sees
 different images. An epoch starts at position ``trainer.global_step · B``, so a run resumed from a
 checkpoint sees exactly the batches an uninterrupted run would have seen (with
-``accumulate_grad_batches=1``), without storing loader state.
+``accumulate_grad_batches=1``), also mid-epoch; the loaders' checkpointed state only records what
+the stream depends on (seed, batch size, world size), to warn when a resumed run changes them.
 
 Evaluation: ``val_dataloader``/``test_dataloader`` return one labeled loader per task, in task
 order (``dataloader_idx`` → ``tasks[dataloader_idx]``), over ``eval_split``.
@@ -19,6 +20,7 @@ order (``dataloader_idx`` → ``tasks[dataloader_idx]``), over ``eval_split``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import lightning as L
@@ -28,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from adamerge.data.source import TaskSource, check_split
 
-__all__ = ["ImagesOnly", "StreamSampler", "TestTimeDataModule"]
+__all__ = ["ImagesOnly", "StreamLoader", "StreamSampler", "TestTimeDataModule"]
 
 
 class ImagesOnly(Dataset):
@@ -102,6 +104,34 @@ class StreamSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a :class:`StreamSampler`, resumable without stored positions.
+
+    Lightning's resumable-loader interface: the state only records what the stream depends on
+    (the position itself comes from ``trainer.global_step``); a resumed run with another seed,
+    batch size or world size is told that its stream differs from the interrupted one.
+    """
+
+    def state_dict(self) -> dict:
+        s = self.sampler
+        return {
+            "seed": int(s.seed),
+            "batch_size": self.batch_size,
+            "num_replicas": s.num_replicas,
+            "stream_id": s.stream_id,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        changed = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if changed:
+            warnings.warn(
+                f"resuming with a different data stream than the checkpoint's ({changed}); the batches "
+                "will not be those of an uninterrupted run",
+                stacklevel=2,
+            )
 
 
 def _count_classes(source: TaskSource, task: str, dataset: Dataset) -> int | None:
@@ -207,7 +237,7 @@ class TestTimeDataModule(L.LightningDataModule):
             sampler = StreamSampler(
                 data, self.steps_per_epoch * self.batch_size, self.seed, i, world, rank, start=self._start
             )
-            loaders[task] = DataLoader(
+            loaders[task] = StreamLoader(
                 data,
                 batch_size=self.batch_size,
                 sampler=sampler,
