@@ -184,6 +184,37 @@ def test_v2_follows_any_depth_width_and_sequence_first_layout():
         torch.testing.assert_close(got, exp)
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_forward_many_equals_one_call_per_task(version):
+    pool = make_tiny_pool()
+    model = SurgeryModel(pool.build_encoder(_ta_state(pool)), pool.tasks, rank=RANK, version=version)
+    _randomise_up(model)
+    images = {t: _images(3 + k, seed=k) for k, t in enumerate(pool.tasks)}
+    many = model.forward_many(images)
+    assert list(many) == pool.tasks
+    for t, x in images.items():
+        one = model(t, x)
+        torch.testing.assert_close(many[t].final, one.final, rtol=1e-5, atol=1e-5)
+        assert len(many[t].blocks) == len(one.blocks)
+        for a, b in zip(many[t].blocks, one.blocks):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # gradients reach each task's aligners from its own slice only
+    model.zero_grad()
+    many["task1"].final.sum().backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for n, p in model.named_parameters() if "task0" in n)
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for n, p in model.named_parameters() if "task1" in n)
+
+
+def test_forward_many_on_sequence_first_blocks():
+    torch.manual_seed(0)
+    model = SurgeryModel(_SeqFirstViT(), ["a", "b"], rank=2, version="v2")
+    _randomise_up(model)
+    images = {"a": torch.randn(2, 6, 8), "b": torch.randn(3, 6, 8)}
+    many = model.forward_many(images)
+    for t, x in images.items():
+        torch.testing.assert_close(many[t].final, model(t, x).final)
+
+
 # ---- freezing, state dict, caller's model untouched --------------------------------------------------
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_only_aligners_learn_and_are_saved(version):

@@ -197,3 +197,16 @@ def test_bad_configuration_is_refused_before_training():
         Surgery(pool, base_merge="/no/such/merged.safetensors")
     with pytest.raises(ValueError, match="task 'mnist'"):
         Surgery(pool, tasks=["mnist"])
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_batched_step_losses_equal_per_task_losses(version):
+    pool = make_tiny_pool(scale=0.2)
+    system = Surgery(pool, version=version, rank=4)
+    with torch.no_grad():
+        for p in system.parameters():
+            p.normal_(0, 0.1)
+        images = {t: _images(4, seed=k) for k, t in enumerate(pool.tasks)}
+        batched = system.adaptation_losses(images)
+        for t, x in images.items():
+            torch.testing.assert_close(batched[t], system.adaptation_loss(t, x), rtol=1e-5, atol=1e-6)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adamerge.models.checkpoints import load_visual_state
 from adamerge.models.pool import ModelPool, freeze
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "transformer_blocks",
     "encode_with_block_means",
     "merged_encoder",
-    "load_state_file",
     "VERSIONS",
 ]
 
@@ -126,8 +126,8 @@ class _BlockRecorder:
     """Forward hooks on every block: optionally align each block's tokens, record their token mean."""
 
     def __init__(self, blocks: nn.ModuleList, batch_first: bool) -> None:
-        self.seq_dim = 1 if batch_first else 0
-        self.aligners: Sequence[nn.Module] | None = None
+        self.seq_dim, self.batch_dim = (1, 0) if batch_first else (0, 1)
+        self.aligners: Sequence[Callable[[Tensor], Tensor]] | None = None
         self.means: list[Tensor | None] = [None] * len(blocks)
         self.active = False
         self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
@@ -145,7 +145,9 @@ class _BlockRecorder:
 
         return hook
 
-    def run(self, encoder: nn.Module, images: Tensor, aligners: Sequence[nn.Module] | None) -> tuple[Tensor, tuple]:
+    def run(
+        self, encoder: nn.Module, images: Tensor, aligners: Sequence[Callable[[Tensor], Tensor]] | None
+    ) -> tuple[Tensor, tuple]:
         self.aligners, self.active, self.means = aligners, True, [None] * len(self.means)
         try:
             final = encoder(images)
@@ -159,6 +161,17 @@ class _BlockRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _SliceAligners:
+    """Apply aligner k to the k-th slice (of ``sizes``) of a batch along ``dim``."""
+
+    def __init__(self, aligners: Sequence[nn.Module], sizes: Sequence[int], dim: int) -> None:
+        self.aligners, self.sizes, self.dim = aligners, list(sizes), dim
+
+    def __call__(self, x: Tensor) -> Tensor:
+        parts = x.split(self.sizes, dim=self.dim)
+        return torch.cat([a(p) for a, p in zip(self.aligners, parts)], dim=self.dim)
 
 
 def encode_with_block_means(encoder: nn.Module, images: Tensor) -> AlignedFeatures:
@@ -246,6 +259,35 @@ class SurgeryModel(nn.Module):
             return AlignedFeatures(self.aligners[task](z))
         z, means = self._recorder.run(self.encoder, images, self.block_aligners[task])
         return AlignedFeatures(self.aligners[task](z), means)
+
+    def forward_many(self, images: Mapping[str, Tensor]) -> dict[str, AlignedFeatures]:
+        """``{task: forward(task, images[task])}`` in one batched pass of the shared merged encoder.
+
+        The tasks' batches are concatenated; every aligner is applied to its own task's slice (V2:
+        inside each block's hook), so the result equals the per-task calls at a K-th of the launches.
+        Batches of different image shapes fall back to one pass per task.
+        """
+        tasks = list(images)
+        for t in tasks:
+            self._check_task(t)
+        if len({tuple(x.shape[1:]) for x in images.values()}) != 1:
+            return {t: self(t, images[t]) for t in tasks}
+        sizes = [images[t].shape[0] for t in tasks]
+        x = torch.cat([images[t] for t in tasks])
+        if self.version == "v1":
+            with torch.no_grad():
+                z = self.encoder(x)
+            return {t: AlignedFeatures(self.aligners[t](zt)) for t, zt in zip(tasks, z.split(sizes))}
+        dim = self._recorder.batch_dim
+        per_block = [
+            _SliceAligners([self.block_aligners[t][i] for t in tasks], sizes, dim) for i in range(self.depth)
+        ]
+        z, means = self._recorder.run(self.encoder, x, per_block)
+        finals, split_means = z.split(sizes), [m.split(sizes) for m in means]
+        return {
+            t: AlignedFeatures(self.aligners[t](finals[k]), tuple(m[k] for m in split_means))
+            for k, t in enumerate(tasks)
+        }
 
     def trainable_parameter_count(self) -> int:
         """Number of aligner parameters (everything that learns)."""
@@ -337,31 +379,6 @@ class ExpertFeatures:
         self._encoders.clear()
 
 
-def load_state_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A merged state dict from ``.safetensors`` or a tensors-only ``.pt``/``.bin`` (``weights_only=True``).
-
-    Keys saved from a whole open_clip model (``visual.`` prefix on every key) are stripped to the
-    image tower's keys.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"merged state-dict file {path!r} does not exist")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or pickled-object files
-        raise ValueError(f"cannot read merged state dict {path!r}: {e}") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path!r} does not hold a flat mapping of tensor names to tensors")
-    if state and all(k.startswith("visual.") for k in state):
-        state = {k[len("visual.") :]: v for k, v in state.items()}
-    return dict(state)
-
-
 def merged_encoder(pool: ModelPool, base_merge: str | Mapping[str, Any], tasks: Sequence[str] | None = None) -> nn.Module:
     """The frozen merged encoder Surgery is put on top of.
 
@@ -370,15 +387,13 @@ def merged_encoder(pool: ModelPool, base_merge: str | Mapping[str, Any], tasks: 
         base_merge: a static merge method name (``"task_arithmetic"``), a mapping
             ``{"method": name, **kwargs}`` (``{"method": "ties", "keep": 0.2, "lam": 0.3}``) passed to
             :func:`adamerge.merging.merge_pool`, or a path to a merged image-encoder state dict
-            (``.safetensors``, e.g. an AdaMerging export, or a tensors-only ``.pt``).
+            (any format :func:`adamerge.models.checkpoints.load_visual_state` reads: ``.safetensors``,
+            e.g. an AdaMerging export, a tensors-only ``.pt``, a full-CLIP export).
         tasks: the tasks whose experts are merged (default: every task of the pool).
     """
     if isinstance(base_merge, (str, os.PathLike)) and _looks_like_path(base_merge):
-        try:
-            from adamerge.models.checkpoints import load_visual_state
-        except ImportError:  # pragma: no cover - the checkpoint module is part of the package
-            return pool.build_encoder(load_state_file(base_merge))
-        return pool.build_encoder(load_visual_state(base_merge, reference=pool.pretrained_state()))
+        state = load_visual_state(base_merge, reference=pool.pretrained_state())  # validated, visual keys
+        return pool.build_encoder(state)
     if isinstance(base_merge, str):
         method, kwargs = base_merge, {}
     elif isinstance(base_merge, Mapping):

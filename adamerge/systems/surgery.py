@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,11 @@ class Surgery(TestTimeSystem):
     def adaptation_loss(self, task: str, images: Tensor) -> Tensor:
         """L1 between the aligned merged features and the frozen expert's (V2: summed over layers)."""
         return alignment_loss(self.model(task, images), self.experts(task, images))
+
+    def adaptation_losses(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per-task L1 losses with one batched pass of the merged encoder over every task's batch."""
+        merged = self.model.forward_many(images)
+        return {t: alignment_loss(merged[t], self.experts(t, x)) for t, x in images.items()}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def surgery_metadata(self) -> dict:
