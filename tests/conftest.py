@@ -49,3 +49,13 @@ def tiny_clip():
 @pytest.fixture
 def tiny_pool():
     return make_tiny_pool()
+
+
+@pytest.fixture(scope="session")
+def mini_tiny_cache(tmp_path_factory):
+    """Cache root holding one build of the mini benchmark's ``tiny`` preset (seed 0), shared by the session."""
+    from adamerge.data.mini import MiniBenchmark
+
+    root = tmp_path_factory.mktemp("adamerge-cache")
+    MiniBenchmark("tiny", 0, cache_dir=str(root)).build()
+    return root

@@ -1,0 +1,110 @@
+"""Every shipped YAML is instantiated through the real LightningCLI, and runs two steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from adamerge.cli import main
+from adamerge.data.registry import get_task
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer")
+FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
+VITB32_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+
+
+def _fit_two_steps(args: list[str], tmp_path: Path):
+    common = [
+        "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=null",
+        f"--model.init_args.export_dir={tmp_path / 'export'}", "--data.init_args.steps_per_epoch=2",
+        "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+    ]
+    cli = main(["fit", *args, *common])
+    assert cli.trainer.global_step == 2
+    assert (tmp_path / "export" / "metrics.json").exists()
+    return cli
+
+
+def _mini_overrides(cache: Path) -> list[str]:
+    return [
+        f"--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
+        f"--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def vitb32_stand_in(tmp_path_factory):
+    """Tiny open_clip files and image folders under the eight standard task names, for the ViT-B/32 YAMLs."""
+    root = tmp_path_factory.mktemp("vitb32")
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (root / "adamerge-test-vit.json").write_text(__import__("json").dumps(cfg))
+    open_clip.add_model_config(root / "adamerge-test-vit.json")
+    torch.manual_seed(0)
+    clip = open_clip.create_model("adamerge-test-vit")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, root / "zeroshot.safetensors")
+    experts = {}
+    for i, task in enumerate(VITB32_TASKS):
+        g = torch.Generator().manual_seed(i)
+        state = {k: (v + 0.01 * torch.randn(v.shape, generator=g)).contiguous() for k, v in clip.visual.state_dict().items()}
+        experts[task] = root / f"{task}.safetensors"
+        save_file(state, experts[task])
+        for c, _ in enumerate(get_task(task).classnames):
+            d = root / "data" / task / "test" / f"{c:03d}"
+            d.mkdir(parents=True)
+            Image.new("RGB", (8, 8), color=(c % 256, i * 30, 0)).save(d / "0.png")
+    return root, experts
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_instantiates_and_runs(config, tmp_path, mini_tiny_cache, vitb32_stand_in):
+    text = config.read_text()
+    if "MiniBenchmarkPool" in text:
+        args = ["--config", str(config), *_mini_overrides(mini_tiny_cache)]
+    elif "OpenCLIPPool" in text:
+        root, experts = vitb32_stand_in
+        args = ["--config", str(config), "--model.init_args.pool.init_args.model_name=adamerge-test-vit",
+                f"--model.init_args.pool.init_args.pretrained={root / 'zeroshot.safetensors'}",
+                f"--model.init_args.pool.init_args.cache_dir={tmp_path / 'heads'}",
+                f"--data.init_args.source.init_args.root={root / 'data'}",
+                "--data.init_args.source.init_args.preprocess=adamerge-test-vit"]
+        args += [f"--model.init_args.pool.init_args.experts.{t}={p}" for t, p in experts.items()]
+    else:
+        pytest.fail(f"{config}: unknown pool; teach this test how to instantiate it")
+    cli = _fit_two_steps(args, tmp_path)
+    assert cli.model.tasks == cli.datamodule.tasks  # linked, written once
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.name)
+def test_trainer_fragments_compose_with_a_run(fragment, tmp_path, mini_tiny_cache, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    base = ROOT / "configs" / "mini" / "adamerging_layer.yaml"
+    cli = main(["fit", "--config", str(base), "--config", str(fragment), *_mini_overrides(mini_tiny_cache),
+                "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--data.init_args.steps_per_epoch=2",
+                f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                f"--model.init_args.export_dir={tmp_path / 'export'}", "--trainer.enable_checkpointing=false",
+                "--trainer.callbacks=null"])
+    assert cli.trainer.global_step == 2
+    assert type(cli.trainer.logger).__name__ in fragment.read_text()
+
+
+def test_task_list_is_linked_from_data(tmp_path, mini_tiny_cache):
+    tasks = ["mini_fashion", "mini_digits"]
+    cli = main(["fit", "--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+                f"--data.init_args.tasks=[{','.join(tasks)}]", f"--model.init_args.export_dir={tmp_path}"], run=False)
+    assert cli.model.tasks == tasks and cli.model.model.coefficients().shape[0] == 2
+
+
+def test_unknown_task_fails_before_training(tmp_path, mini_tiny_cache):
+    with pytest.raises(ValueError, match="'nope'"):
+        main(["fit", "--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+              "--data.init_args.tasks=[mini_fashion,nope]"], run=False)
