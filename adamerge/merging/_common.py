@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 from adamerge.merging.task_vectors import MergeError, StateDict, check_compatible, check_finite, is_mergeable
@@ -81,10 +80,22 @@ def float_keys(state: StateDict) -> list[str]:
     return [k for k, v in state.items() if is_mergeable(v)]
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry (1-based) of a 1-D tensor, via ``kthvalue`` (no full sort)."""
-    n = values.numel()
-    return torch.kthvalue(values, n - k + 1).values
+def kth_smallest_(values: Tensor, index: int) -> float:
+    """sorted(values)[index] (0-based) of a 1-D float tensor, found by partitioning it *in place*.
+
+    ``values`` must be a temporary the caller owns: its order is destroyed. numpy's introselect
+    needs no extra memory (``torch.kthvalue`` copies the input and allocates int64 indices, 3x the
+    input) and is ~15x faster on a ViT-B/32-sized vector.
+    """
+    index = min(max(int(index), 0), values.numel() - 1)
+    a = values.detach().cpu().numpy()  # shares memory with a CPU tensor
+    a.partition(index)
+    return float(a[index])
+
+
+def kth_largest_(values: Tensor, k: int) -> float:
+    """The k-th largest entry (1-based) of a 1-D tensor, partitioning it in place (see above)."""
+    return kth_smallest_(values, values.numel() - k)
 
 
 def apply_tau(pretrained: StateDict, tau: Mapping[str, Tensor], lam: float = 1.0) -> dict[str, Tensor]:

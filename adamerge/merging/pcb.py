@@ -34,16 +34,11 @@ from adamerge.merging._common import (
     check_ratio,
     check_taus,
     float_keys,
+    kth_smallest_,
 )
 from adamerge.merging.task_vectors import MergeError, StateDict, flatten
 
 __all__ = ["pcb_merge"]
-
-
-def _sorted_at(flat: Tensor, index: int) -> float:
-    """sorted(flat)[index] without sorting (``kthvalue`` is 1-based)."""
-    index = min(max(index, 0), flat.numel() - 1)
-    return float(torch.kthvalue(flat, index + 1).values)
 
 
 def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
@@ -56,14 +51,14 @@ def _minmax(x: Tensor, lo: float, hi: float) -> Tensor:
 def _clamp_bounds(tau: StateDict, keys: list[str], clamp: float) -> tuple[float, float]:
     flat = flatten(tau, keys).abs_()
     d = flat.numel()
-    return _sorted_at(flat, int(d * clamp)), _sorted_at(flat, int(d * (1 - clamp) - 1))
+    return kth_smallest_(flat, int(d * clamp)), kth_smallest_(flat, int(d * (1 - clamp) - 1))
 
 
 def _scores(balancing: list[Tensor], ratio: float) -> list[Tensor]:
     """Keep the top ``ratio`` of one task's balancing values (whole model), min-max scaled."""
     flat = torch.cat([b.reshape(-1) for b in balancing])
     d = flat.numel()
-    lo, hi = _sorted_at(flat, int(d * (1 - ratio))), float(flat.max())
+    lo, hi = kth_smallest_(flat, int(d * (1 - ratio))), float(flat.max())
     del flat
     return [_minmax(b, lo, hi) for b in balancing]
 

@@ -33,7 +33,7 @@ from adamerge.merging._common import (
     check_ratio,
     check_taus,
     float_keys,
-    kth_largest,
+    kth_largest_,
 )
 from adamerge.merging.dare import dare_all
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, flatten
@@ -55,7 +55,7 @@ def ties_threshold(tau: StateDict, keep: float = 0.2) -> float:
     if flat.numel() == 0:
         raise MergeError("task vector has no floating-point entries to trim")
     n_keep = max(1, math.floor(flat.numel() * keep + 1e-6))
-    return float(kth_largest(flat, n_keep))
+    return kth_largest_(flat, n_keep)
 
 
 def ties_trim(tau: StateDict, keep: float = 0.2) -> dict[str, Tensor]:
