@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
@@ -106,7 +107,7 @@ class ImageFolderSource:
     def tasks(self) -> list[str]:
         return list(self._tasks)
 
-    def dataset(self, task: str, split: str) -> ImageFolder:
+    def dataset(self, task: str, split: str) -> Dataset:
         """The labelled images of ``task`` / ``split`` (labels in registry order)."""
         check_split(split)
         if task not in self._tasks:
