@@ -241,6 +241,24 @@ def test_callers_encoder_is_never_mutated():
     assert model.encoder is not enc
 
 
+def test_deepcopy_and_pickle_keep_v2_hooks_working():
+    import pickle
+
+    pool = make_tiny_pool()
+    model = SurgeryModel(pool.build_encoder(), pool.tasks, rank=RANK, version="v2")
+    _randomise_up(model)
+    x = _images()
+    expected = model("task1", x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        out = clone("task1", x)
+        torch.testing.assert_close(out.final, expected.final)
+        for a, b in zip(out.blocks, expected.blocks):
+            torch.testing.assert_close(a, b)
+        with torch.no_grad():
+            clone.aligners["task1"].up.weight.zero_()  # the clone's aligners are its own
+        assert not torch.allclose(clone("task1", x).final, expected.final)
+
+
 def test_to_dtype_moves_the_hidden_encoder():
     pool = make_tiny_pool()
     model = SurgeryModel(pool.build_encoder(), pool.tasks, rank=RANK, version="v1").double()

@@ -130,20 +130,17 @@ class _BlockRecorder:
         self.aligners: Sequence[Callable[[Tensor], Tensor]] | None = None
         self.means: list[Tensor | None] = [None] * len(blocks)
         self.active = False
-        self.handles = [b.register_forward_hook(self._hook(i)) for i, b in enumerate(blocks)]
+        self.handles = [b.register_forward_hook(_BlockHook(self, i)) for i, b in enumerate(blocks)]
 
-    def _hook(self, index: int) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> Tensor | None:
-            if not self.active:
-                return None
-            if not isinstance(output, Tensor):
-                raise TypeError(f"block {index} returned {type(output).__name__}, expected a token tensor")
-            if self.aligners is not None:
-                output = self.aligners[index](output)
-            self.means[index] = output.mean(dim=self.seq_dim)  # slot, not append: re-runs overwrite
-            return output
-
-        return hook
+    def on_block_output(self, index: int, output: Any) -> Tensor | None:
+        if not self.active:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(f"block {index} returned {type(output).__name__}, expected a token tensor")
+        if self.aligners is not None:
+            output = self.aligners[index](output)
+        self.means[index] = output.mean(dim=self.seq_dim)  # slot, not append: re-runs overwrite
+        return output
 
     def run(
         self, encoder: nn.Module, images: Tensor, aligners: Sequence[Callable[[Tensor], Tensor]] | None
@@ -161,6 +158,16 @@ class _BlockRecorder:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+class _BlockHook:
+    """A picklable, deep-copyable forward hook (a closure would keep pointing at the original recorder)."""
+
+    def __init__(self, recorder: _BlockRecorder, index: int) -> None:
+        self.recorder, self.index = recorder, index
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Tensor | None:
+        return self.recorder.on_block_output(self.index, output)
 
 
 class _SliceAligners:
