@@ -12,6 +12,7 @@ from conftest import make_tiny_clip
 from safetensors.torch import save_file
 from torch import nn
 
+from adamerge.merging.task_vectors import MergeError
 from adamerge.models import checkpoints as ck
 from adamerge.models.checkpoints import (
     CheckpointError,
@@ -320,3 +321,14 @@ def test_save_does_not_mutate_and_handles_shared_storage(tmp_path):
     for k, v in state.items():
         torch.testing.assert_close(back[k], v)
     torch.testing.assert_close(base, torch.arange(6.0))
+
+
+def test_fast_finite_check_is_exact():
+    from adamerge.models.checkpoints import check_finite
+
+    check_finite({"big": torch.full((4, 4), 3e38), "half": torch.full((8,), 6e4, dtype=torch.float16)})
+    check_finite({"ids": torch.arange(3)})  # integer tensors are skipped
+    with pytest.raises(MergeError, match="'b'.*NaN"):
+        check_finite({"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")], dtype=torch.bfloat16)})
+    with pytest.raises(MergeError, match="'c'.*Inf"):
+        check_finite({"c": torch.tensor([float("inf"), -float("inf")])})

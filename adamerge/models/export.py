@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite
-from adamerge.models.checkpoints import SAFETENSORS_SUFFIX, CheckpointError, save_state_dict
+from adamerge.merging.task_vectors import MergeError, check_compatible
+from adamerge.models.checkpoints import SAFETENSORS_SUFFIX, CheckpointError, check_finite, save_state_dict
 
 __all__ = ["export_merged", "full_clip_state"]
 

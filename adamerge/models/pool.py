@@ -20,7 +20,8 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite, task_vector
+from adamerge.merging.task_vectors import MergeError, check_compatible, task_vector
+from adamerge.models.checkpoints import check_finite
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
 
