@@ -210,3 +210,16 @@ def test_batched_step_losses_equal_per_task_losses(version):
         batched = system.adaptation_losses(images)
         for t, x in images.items():
             torch.testing.assert_close(batched[t], system.adaptation_loss(t, x), rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_from_a_checkpoint_of_another_version_fails_before_training(tmp_path):
+    pool = make_tiny_pool()
+    dm = TestTimeDataModule(_TinySource(), batch_size=4, steps_per_epoch=2)
+    trainer = _trainer(tmp_path, steps=2)
+    trainer.fit(Surgery(pool, version="v2", rank=4), datamodule=dm)
+    trainer.save_checkpoint(tmp_path / "v2.ckpt")
+    v1 = Surgery(pool, version="v1", rank=4)
+    before = {k: v.clone() for k, v in v1.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="surgery version 'v2', this model has 'v1'"):
+        _trainer(tmp_path, steps=4).fit(v1, datamodule=dm, ckpt_path=str(tmp_path / "v2.ckpt"))
+    assert all(torch.equal(before[k], v) for k, v in v1.state_dict().items())
