@@ -7,14 +7,13 @@ import copy
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import TINY_EMBED, TINY_VISION, make_tiny_pool
 from safetensors.torch import save_file
 from torch import nn
 
 from adamerge.components.surgery import (
-    Aligner,
     AlignedFeatures,
+    Aligner,
     ExpertFeatures,
     SurgeryModel,
     alignment_loss,

@@ -19,7 +19,6 @@ from adamerge.systems.base import CheckpointMismatchError
 from adamerge.systems.surgery import Surgery
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread; on a shared CPU, more threads thrash (40x slower here)."""

@@ -49,15 +49,15 @@ from adamerge.models.checkpoints import load_visual_state
 from adamerge.models.pool import ModelPool, freeze
 
 __all__ = [
-    "Aligner",
+    "VERSIONS",
     "AlignedFeatures",
-    "SurgeryModel",
+    "Aligner",
     "ExpertFeatures",
+    "SurgeryModel",
     "alignment_loss",
-    "transformer_blocks",
     "encode_with_block_means",
     "merged_encoder",
-    "VERSIONS",
+    "transformer_blocks",
 ]
 
 VERSIONS = ("v1", "v2")
@@ -406,8 +406,10 @@ def merged_encoder(pool: ModelPool, base_merge: str | Mapping[str, Any], tasks: 
     elif isinstance(base_merge, Mapping):
         kwargs = dict(base_merge)
         method = kwargs.pop("method", None)
-        if not isinstance(method, str):
+        if method is None:
             raise ValueError(f"base_merge mapping needs a 'method' name, got {dict(base_merge)}")
+        if not isinstance(method, str):
+            raise TypeError(f"base_merge 'method' must be a method name, got {method!r}")
     else:
         raise TypeError(f"base_merge must be a method name, a mapping or a file path, got {type(base_merge).__name__}")
     from adamerge.merging import merge_pool

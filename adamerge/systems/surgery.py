@@ -33,7 +33,7 @@ from adamerge.components.surgery import ExpertFeatures, SurgeryModel, alignment_
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
 
-__all__ = ["Surgery", "EXPERT_DTYPES"]
+__all__ = ["EXPERT_DTYPES", "Surgery"]
 
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODEL_PREFIX = "model."
