@@ -286,3 +286,28 @@ def test_errors(pool):
         three.load_state_dict(upscale(pool, shared_router=True).state_dict())
     with pytest.raises(ValueError, match="unknown"):
         upscale(pool, tasks=["unknown"])
+
+
+@pytest.mark.slow
+def test_vit_b32_eight_task_trainable_counts():
+    """Paper: 7.16M trainable parameters for WEMoE on ViT-B/32 with 8 tasks; E-WEMoE ~0.6M (~2.5 GB RAM)."""
+    import open_clip
+
+    enc = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    base = enc.state_dict()
+
+    def expert(seed):
+        g = torch.Generator().manual_seed(seed)
+        return lambda: {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+
+    tasks = [f"t{k}" for k in range(8)]
+    pool = ModelPool(
+        enc, {t: expert(k) for k, t in enumerate(tasks)}, {t: torch.eye(512)[:10] for t in tasks}
+    )
+    d, L, K = enc.transformer.width, len(enc.transformer.resblocks), 8
+    router = d * d + d + d * K + K
+    wemoe = upscale(pool)
+    assert wemoe.trainable_parameter_count() == L * router == 7_160_928
+    del wemoe
+    e_wemoe = upscale(pool, shared_router=True, keep_ratio=0.1)
+    assert e_wemoe.trainable_parameter_count() == router == 596_744
