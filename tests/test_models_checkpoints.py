@@ -151,13 +151,19 @@ def test_pickled_image_encoder_refused_then_loaded_with_opt_in(tmp_path):
     _assert_same_outputs(loaded, clip)
 
 
-def test_pickled_file_naming_an_unimportable_module(tmp_path):
+def test_pickled_classes_that_are_not_importable_load_through_stand_ins(tmp_path):
+    """task_vectors files pickle ``src.modeling.ImageEncoder``: without that repository on the path
+    the tensors still load (with a warning naming the class)."""
+    clip = make_tiny_clip(seed=5)
     path = tmp_path / "zeroshot.pt"
-    torch.save(ImageEncoder(make_tiny_clip()), path)
-    raw = path.read_bytes().replace(b"test_models_checkpoints", b"src_modeling_missing_xx")
-    path.write_bytes(raw)
-    with pytest.raises(CheckpointError, match="src_modeling_missing_xx.*PYTHONPATH"):
-        load_visual_state(path, allow_pickle=True)
+    torch.save(ImageEncoder(make_tiny_clip(seed=5)), path)
+    raw = path.read_bytes()
+    assert raw.count(b"test_models_checkpoints") >= 1
+    # same length, so the zip's offsets stay valid: the module name now points nowhere
+    path.write_bytes(raw.replace(b"test_models_checkpoints", b"src_modeling_missing_xx"))
+    with pytest.warns(UserWarning, match=r"src_modeling_missing_xx\.ImageEncoder"):
+        loaded = load_visual_state(path, reference=_visual_sd(clip), allow_pickle=True)
+    _assert_same_outputs(loaded, clip)
 
 
 @pytest.mark.parametrize("kind", ["vision", "vision_bare"])

@@ -27,6 +27,8 @@ import json
 import os
 import pickle
 import tempfile
+import types
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -107,16 +109,52 @@ def _load_torch(path: Path, allow_pickle: bool) -> object:
     )
 
 
+def _stand_in(module: str, name: str) -> type:
+    """An nn.Module class standing in for a pickled class that is not importable here."""
+
+    def __init__(self, *args, **kwargs):
+        nn.Module.__init__(self)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{module}.{name} was loaded through a stand-in: use its state_dict() only")
+
+    return type(name, (nn.Module,), {"__module__": module, "__qualname__": name,
+                                     "__init__": __init__, "forward": forward})
+
+
+def _lenient_pickle(missing: list[str]) -> types.ModuleType:
+    """A ``pickle_module`` for torch.load whose unpickler replaces classes it cannot import (e.g.
+    task_vectors' ``src.modeling.ImageEncoder``) by :func:`_stand_in` modules, recording their names."""
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            try:
+                return super().find_class(module, name)
+            except (ModuleNotFoundError, AttributeError):
+                missing.append(f"{module}.{name}")
+                return _stand_in(module, name)
+
+    mod = types.ModuleType("adamerge_lenient_pickle")
+    mod.Unpickler = Unpickler
+    mod.load = pickle.load
+    return mod
+
+
 def _load_pickled(path: Path) -> object:
+    missing: list[str] = []
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise CheckpointError(
-            f"{path}: unpickling needs module {e.name!r}, which is not importable; for task_vectors "
-            "ImageEncoder files put that repository's root on PYTHONPATH"
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_lenient_pickle(missing))
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError,
+            TypeError) as e:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint: {_first_line(e)}") from None
+    if missing:
+        warnings.warn(
+            f"{path}: classes {sorted(set(missing))} are not importable; their tensors were read through "
+            "stand-in modules (state_dict only)",
+            UserWarning,
+            stacklevel=4,
+        )
+    return obj
 
 
 def _first_line(e: BaseException) -> str:
