@@ -185,6 +185,21 @@ def test_wrong_architecture_expert_names_key_and_shapes(setup):
         pool.expert_state("tiny_colors")
 
 
+def test_bad_pretrained_files_name_file_and_key(setup):
+    s = setup
+    state = s["base"].state_dict()
+    bad = s["tmp"] / "nan.safetensors"
+    save_file({**state, "ln_final.weight": torch.full((32,), float("nan"))}, str(bad))
+    with pytest.raises(CheckpointError, match=r"nan.safetensors.*'ln_final.weight'.*NaN"):
+        _pool(s, pretrained=str(bad))
+    visual_only = s["tmp"] / "visual_only.safetensors"
+    save_file(s["base"].visual.state_dict(), str(visual_only))
+    with pytest.raises(CheckpointError, match=r"visual_only.safetensors.*full adamerge-tiny-test CLIP.*missing key"):
+        _pool(s, pretrained=str(visual_only))
+    with pytest.raises(CheckpointError, match="not found"):
+        _pool(s, pretrained=str(s["tmp"] / "absent.pt"))
+
+
 def test_pickled_pretrained_refused(setup):
     s = setup
     path = s["tmp"] / "pretrained_module.pt"

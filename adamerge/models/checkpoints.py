@@ -8,7 +8,9 @@ Formats read by :func:`load_visual_state` (each error names the file):
   wrappers and ``module.``-prefixed DDP dicts;
 * pickled modules, e.g. task_vectors / AdaMerging / Surgery ``ImageEncoder`` files (``model.visual.*``
   after ``.state_dict()``; their text-tower leftovers are dropped). Unpickling runs arbitrary code, so
-  these are refused unless the caller passes ``allow_pickle=True``;
+  these are refused unless the caller passes ``allow_pickle=True``. Pickled classes that no longer
+  import (``src.modeling.ImageEncoder`` without the task_vectors repo, classes renamed in newer
+  open_clip) are rebuilt as stand-in modules: their tensors load, a warning names them;
 * folders: HF ``CLIPVisionModel`` / ``CLIPModel`` (``config.json`` + ``model.safetensors`` or
   ``pytorch_model.bin``, optionally sharded; see :mod:`adamerge.models.hf_clip`) and open_clip
   ``local-dir`` folders (``open_clip_config.json`` + a checkpoint).

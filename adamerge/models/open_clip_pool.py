@@ -28,7 +28,8 @@ import open_clip
 from torch import Tensor, nn
 
 from adamerge.data.registry import get_task
-from adamerge.models.checkpoints import CheckpointError, load_visual_state, read_state_dict
+from adamerge.merging.task_vectors import MergeError, check_compatible
+from adamerge.models.checkpoints import CheckpointError, check_finite, load_visual_state, read_state_dict
 from adamerge.models.export import export_merged
 from adamerge.models.heads import cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
 from adamerge.models.hf_clip import hf_vision_config
@@ -100,11 +101,12 @@ def load_clip(
     clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
         state = read_state_dict(pretrained, allow_pickle=allow_pickle)
-        result = clip.load_state_dict(state, strict=False)
-        bad = list(result.missing_keys) + list(result.unexpected_keys)
-        if bad:
-            kind = "missing" if result.missing_keys else "unexpected"
-            raise CheckpointError(f"{pretrained}: not a full {model_name} CLIP state dict ({kind} key {bad[0]!r})")
+        try:
+            check_compatible(clip.state_dict(), state, name=f"pretrained {pretrained} (a full {model_name} CLIP)")
+            check_finite(state, name=f"pretrained {pretrained}")
+        except MergeError as e:
+            raise CheckpointError(str(e)) from None
+        clip.load_state_dict(state, strict=True)
     return clip.eval(), open_clip.get_tokenizer(model_name), f"{model_name}:{pretrained}"
 
 
