@@ -101,3 +101,19 @@ def test_missing_task_split_and_unknown_names(tmp_path):
         ImageFolderSource(str(tmp_path), [])
     with pytest.raises(FileNotFoundError, match="root not found"):
         ImageFolderSource(str(tmp_path / "nowhere"), ["if_colors"])
+
+
+def test_parses_as_a_task_source_class_path(tmp_path):
+    """LightningCLI configs name it under a ``TaskSource``-typed argument (jsonargparse checks the
+    protocol's signatures, so ``dataset`` must be annotated ``-> Dataset`` exactly)."""
+    from jsonargparse import ArgumentParser
+
+    _write(tmp_path, "if_colors", "test", ["red", "green", "dark blue"], per_class=1)
+    parser = ArgumentParser()
+    parser.add_argument("--source", type=TaskSource)
+    cfg = parser.parse_object({"source": {
+        "class_path": "adamerge.data.imagefolder.ImageFolderSource",
+        "init_args": {"root": str(tmp_path), "tasks": ["if_colors"], "preprocess": "ViT-B-32"},
+    }})
+    src = parser.instantiate(cfg).source
+    assert isinstance(src, ImageFolderSource) and src.dataset("if_colors", "test")[0][0].shape == (3, 224, 224)
