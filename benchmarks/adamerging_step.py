@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     print(f"  plain forward+backward  {r['plain_ms_median']:9.1f} ms (median of {r['steps']})")
     print(
-        f"  AdaMerging step         {r['adapt_ms_median']:9.1f} ms  (merge alone {r['merge_only_ms_median']:.1f} ms)"
+        f"  AdaMerging step         {r['adapt_ms_median']:9.1f} ms"
+        f"  (merge alone {r['merge_only_ms_median']:.1f} ms)"
     )
     print(f"  ratio                   {r['ratio']:9.3f}x  (target <= {r['target_ratio']})")
     print("  memory (MiB) " + ", ".join(f"{k} {v:.1f}" for k, v in r["memory"].items()))

@@ -6,7 +6,7 @@
 
 The merged weights are recomputed every forward pass, differentiably in λ, and the encoder runs
 on them through :func:`torch.func.functional_call`. "Layer" means one floating-point entry of the
-encoder's state dict (158 for open_clip's ViT-B/32 visual tower), as in the official code.
+encoder's state dict (152 in open_clip 3.x's ViT-B/32 visual tower), as in the official code.
 
 Storage (what makes a checkpoint kilobytes): the encoder is a deep copy whose parameters have been
 turned into *non-persistent buffers* (:func:`freeze_as_buffers`) — they hold θ_0, move with

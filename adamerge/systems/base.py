@@ -232,7 +232,8 @@ class TestTimeSystem(L.LightningModule):
             metric.reset()
         if values:
             values[f"{split}/acc/avg"] = torch.stack(list(values.values())).mean()
-            self.log_dict(values, prog_bar=False)
+            # torchmetrics' compute() already gathered every rank; sync_dist only averages equal values
+            self.log_dict(values, prog_bar=False, sync_dist=True)
         return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
