@@ -198,6 +198,16 @@ def test_bad_configuration_is_refused_before_training():
         Surgery(pool, tasks=["mnist"])
 
 
+def test_v2_on_a_pool_whose_encoder_has_no_blocks_is_refused_before_merging():
+    from adamerge.models.pool import ModelPool
+
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
+    state = {k: v + 0.1 for k, v in enc.state_dict().items()}
+    pool = ModelPool(enc, {"a": state}, {"a": F.normalize(torch.randn(3, 8), dim=-1)})
+    with pytest.raises(TypeError, match="transformer.resblocks"):
+        Surgery(pool, version="v2", base_merge="/no/such/file.safetensors")  # the merge is never reached
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_batched_step_losses_equal_per_task_losses(version):
     pool = make_tiny_pool(scale=0.2)

@@ -29,7 +29,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from adamerge.components.surgery import ExpertFeatures, SurgeryModel, alignment_loss, merged_encoder
+from adamerge.components.surgery import (
+    VERSIONS,
+    ExpertFeatures,
+    SurgeryModel,
+    alignment_loss,
+    merged_encoder,
+    transformer_blocks,
+)
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
 
@@ -79,6 +86,10 @@ class Surgery(TestTimeSystem):
             raise ValueError(f"expert_dtype must be one of {sorted(EXPERT_DTYPES)}, got {expert_dtype!r}")
         if int(rank) < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
+        if version not in VERSIONS:
+            raise ValueError(f"unknown surgery version {version!r}; expected one of {VERSIONS}")
+        if version == "v2":
+            transformer_blocks(pool.encoder)  # can its blocks be hooked? (checked before the merge runs)
         self.base_merge = base_merge
         self.export_merged = export_merged
         encoder = merged_encoder(pool, base_merge, self.tasks)
