@@ -26,6 +26,13 @@ from typing import Any
 __all__ = ["write_metrics", "read_metrics", "collect", "render_table", "update_readme", "main"]
 
 METRICS_FILE = "metrics.json"
+# Rows of known methods come in this order (the papers' tables); other methods follow, first seen first.
+METHOD_ORDER = (
+    "Zero-shot", "Weight averaging", "Task arithmetic (λ=0.3)", "Task arithmetic (λ on val)", "TIES-Merging",
+    "PCB-Merging", "OPCM (continual)", "AdaMerging (task-wise)", "AdaMerging (layer-wise)",
+    "AdaMerging++ (layer-wise)", "Surgery on TA", "SurgeryV2 on TA", "Surgery on AdaMerging",
+    "SurgeryV2 on AdaMerging", "E-WEMoE", "WEMoE", "Individual experts",
+)
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -115,7 +122,7 @@ def _cell(values: Sequence[float]) -> str:
 
 
 def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None = None) -> str:
-    """A markdown table: one row per method (in first-seen order), a column per task, then "Avg".
+    """A markdown table: one row per method (:data:`METHOD_ORDER`, then first seen), a column per task, then "Avg".
 
     Cells are the mean over the records (seeds) of a method, with ± the sample standard deviation
     when there is more than one. A method missing a task gets "–" in that column.
@@ -125,6 +132,9 @@ def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | No
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    first_seen = {m: i for i, m in enumerate(by_method)}
+    by_method = dict(sorted(by_method.items(), key=lambda kv: (rank.get(kv[0], len(rank)), first_seen[kv[0]])))
     if tasks is None:
         tasks = []
         for r in records:

@@ -20,6 +20,8 @@ def test_write_read_and_table_mean_sd(tmp_path):
     assert rows["TA"][0] == f"60.0 ± {sd:.1f}"
     assert rows["TA"][2] == f"{statistics.mean([62.5, 77.5]):.1f} ± {statistics.stdev([62.5, 77.5]):.1f}"
     assert rows["Zero-shot"] == ["10.0", "20.0", "15.0"]
+    names = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert names == ["Zero-shot", "TA"]  # known methods first, in the papers' order
 
 
 def test_readme_markers_replaced_and_cli(tmp_path, capsys):
