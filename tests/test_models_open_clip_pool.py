@@ -267,3 +267,26 @@ def test_instantiable_as_class_path(setup):
     }})
     pool = parser.instantiate(cfg).pool
     assert isinstance(pool, OpenCLIPPool) and pool.tasks == ["tiny_colors"]
+
+
+def test_streamed_experts_are_not_kept(setup, monkeypatch):
+    """After a task vector is consumed and dropped, nothing in the pool still references its expert."""
+    import gc
+    import weakref
+
+    import adamerge.models.open_clip_pool as ocp
+
+    refs = []
+    real = ocp.load_visual_state
+
+    def tracked(path, **kw):
+        state = real(path, **kw)
+        refs.extend(weakref.ref(t) for t in state.values())
+        return state
+
+    monkeypatch.setattr(ocp, "load_visual_state", tracked)
+    pool = _pool(setup)
+    for _, tau in pool.task_vectors():
+        del tau
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
