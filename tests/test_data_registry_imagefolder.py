@@ -3,6 +3,8 @@ missing folders and class-count mismatches are named, images come out through th
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,11 @@ def test_open_clip_preprocess_by_model_name_and_callable(tmp_path):
     img, _ = ImageFolderSource(str(tmp_path), ["if_colors"], preprocess="ViT-B-32").dataset("if_colors", "test")[0]
     assert img.shape == (3, 224, 224) and img.dtype == torch.float32
     assert float(img.mean()) < 0  # normalised with CLIP's mean/std: a dark image is below zero
+    cfg = tmp_path / "if-tiny-model.json"
+    cfg.write_text(json.dumps({"embed_dim": 8, "vision_cfg": {"image_size": 12, "patch_size": 4, "width": 8,
+                                                                "layers": 1}, "text_cfg": {"width": 8}}))
+    img, _ = ImageFolderSource(str(tmp_path), ["if_colors"], preprocess=str(cfg)).dataset("if_colors", "test")[0]
+    assert img.shape == (3, 12, 12)
     src = ImageFolderSource(str(tmp_path), ["if_colors"], preprocess=lambda im: torch.ones(1))
     assert src.dataset("if_colors", "test")[0][0].shape == (1,)
 

@@ -34,9 +34,16 @@ __all__ = ["ImageFolderSource", "open_clip_preprocess"]
 
 
 def open_clip_preprocess(model_name: str) -> Callable:
-    """open_clip's evaluation transform (resize, centre crop, normalise) for ``model_name``."""
+    """open_clip's evaluation transform (resize, centre crop, normalise) for ``model_name``, an
+    open_clip model name or the path of a model-config JSON (registered here if needed)."""
     import open_clip
 
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {path}")
+        open_clip.add_model_config(path)
+        model_name = path.stem
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ValueError(f"unknown open_clip model {model_name!r} for the preprocess")
@@ -87,8 +94,8 @@ class ImageFolderSource:
     Args:
         root: the folder holding one sub-folder per task.
         tasks: registered task names to serve.
-        preprocess: an open_clip model name (its eval transform), a callable transform, or None
-            (``ToTensor`` only; images must then share one size).
+        preprocess: an open_clip model name or model-config JSON path (its eval transform), a
+            callable transform, or None (``ToTensor`` only; images must then share one size).
     """
 
     def __init__(self, root: str, tasks: list[str], preprocess: str | Callable | None = None) -> None:
