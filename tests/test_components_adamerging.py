@@ -209,6 +209,20 @@ def test_bfloat16_task_vectors_close_to_float32():
         assert (a[key] - b[key]).abs().max().item() <= 0.02 * tau_scale + 1e-7, key
 
 
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_bfloat16_gradient_close_to_float32(granularity):
+    pool = soft_pool()
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for dtype in ("float32", "bfloat16"):
+        model = AdaMergingModel.from_pool(pool, granularity=granularity, tv_dtype=dtype)
+        feats = F.normalize(model(images), dim=-1)
+        sum(entropy(pool.logit_scale * feats @ pool.heads[t].t()).mean() for t in pool.tasks).backward()
+        grads.append(model.lambdas.grad)
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.05, atol=0.02 * grads[0].abs().max().item())
+
+
 class WithIntBuffer(nn.Module):
     def __init__(self) -> None:
         super().__init__()
