@@ -319,6 +319,15 @@ def test_save_failure_keeps_previous_file_and_leaves_no_temp(tmp_path, monkeypat
     assert target.read_bytes() == before
 
 
+def test_saved_file_gets_umask_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        path = save_state_dict({"w": torch.ones(2)}, tmp_path / "perm.pt")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_save_does_not_mutate_and_handles_shared_storage(tmp_path):
     base = torch.arange(6.0)
     state = {"a": base[:3], "b": base[3:], "c": base.view(2, 3)}
