@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 from adamerge.models.pool import ModelPool
 
+# Tests use tiny models: one thread is as fast, deterministic, and avoids multi-threaded LAPACK
+# (SVD in OPCM/OptMerge) thrashing on a busy 2-core machine (a 96x32 SVD: 1.2 s with 2 threads, 0.3 ms with 1).
+torch.set_num_threads(1)
+
 TINY_VISION = dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0)
 TINY_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 TINY_EMBED = 16
