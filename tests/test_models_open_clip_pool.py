@@ -290,3 +290,82 @@ def test_streamed_experts_are_not_kept(setup, monkeypatch):
         del tau
     gc.collect()
     assert refs and all(r() is None for r in refs)
+
+
+def _to_hf_clip_model(clip) -> dict:
+    """A whole open_clip CLIP → HF CLIPModel keys (inverse mapping, written out independently)."""
+    from test_models_checkpoints import to_hf
+
+    sd = clip.state_dict()
+    out = to_hf({k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")})
+    out.update({
+        "text_model.embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        "text_model.embeddings.position_embedding.weight": sd["positional_embedding"],
+        "text_model.final_layer_norm.weight": sd["ln_final.weight"],
+        "text_model.final_layer_norm.bias": sd["ln_final.bias"],
+        "text_projection.weight": sd["text_projection"].t().contiguous(),
+        "logit_scale": sd["logit_scale"],
+    })
+    for i in range(TINY_TEXT["layers"]):
+        r, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            for name, part in zip("qkv", sd[r + f"attn.in_proj_{kind}"].chunk(3)):
+                out[h + f"self_attn.{name}_proj.{kind}"] = part.contiguous()
+            out[h + f"self_attn.out_proj.{kind}"] = sd[r + f"attn.out_proj.{kind}"]
+            out[h + f"layer_norm1.{kind}"] = sd[r + f"ln_1.{kind}"]
+            out[h + f"layer_norm2.{kind}"] = sd[r + f"ln_2.{kind}"]
+            out[h + f"mlp.fc1.{kind}"] = sd[r + f"mlp.c_fc.{kind}"]
+            out[h + f"mlp.fc2.{kind}"] = sd[r + f"mlp.c_proj.{kind}"]
+    return out
+
+
+def test_hf_clip_model_folder_as_pretrained(setup):
+    """FusionBench keeps θ_0 as an HF CLIPModel folder: both towers convert, heads and features match."""
+    s = setup
+    folder = s["tmp"] / "clip-vit-tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["CLIPModel"], "model_type": "clip",
+                                                    "vision_config": {"hidden_act": "gelu"}}))
+    save_file({k: v.contiguous() for k, v in _to_hf_clip_model(s["base"]).items()},
+              str(folder / "model.safetensors"))
+    pool = _pool(s, pretrained=str(folder))
+    reference = _pool(s)
+    torch.testing.assert_close(pool.encoder(_images()), s["base"].visual(_images()), rtol=0, atol=0)
+    for t in TASKS:
+        torch.testing.assert_close(pool.head(t), reference.head(t), rtol=0, atol=0)
+    assert pool.logit_scale == reference.logit_scale
+    broken = s["tmp"] / "clip-no-text-proj"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    state = {k: v.contiguous() for k, v in _to_hf_clip_model(s["base"]).items() if k != "text_projection.weight"}
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="clip-no-text-proj.*'text_projection.weight'"):
+        _pool(s, pretrained=str(broken))
+
+
+def test_hf_clip_model_conversion_matches_transformers_when_installed(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from test_models_checkpoints import HF_VISION_CONFIG
+
+    from adamerge.models.hf_clip import convert_hf_clip_state
+
+    clip = make_tiny_clip(seed=8)
+    text_cfg = {"vocab_size": TINY_TEXT["vocab_size"], "hidden_size": 32, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 16,
+                "hidden_act": "gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+    cfg = transformers.CLIPConfig(text_config=text_cfg, vision_config=HF_VISION_CONFIG, projection_dim=16)
+    hf = transformers.CLIPModel(cfg).eval()
+    missing, unexpected = hf.load_state_dict(_to_hf_clip_model(clip), strict=False)
+    assert not [k for k in missing + unexpected if "position_ids" not in k]
+    tokens = SimpleTokenizer(context_length=16)(["a red thing.", "one"])
+
+    def features(out):  # a tensor in transformers 4, an output object (projected pooler_output) in 5
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    torch.testing.assert_close(features(hf.get_text_features(input_ids=tokens)), clip.encode_text(tokens),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(features(hf.get_image_features(pixel_values=_images())),
+                               clip.encode_image(_images()), rtol=1e-4, atol=1e-5)
+    back = make_tiny_clip(seed=9)
+    back.load_state_dict(convert_hf_clip_state(hf.state_dict()), strict=True)
+    torch.testing.assert_close(back.encode_text(tokens), clip.encode_text(tokens), rtol=0, atol=0)

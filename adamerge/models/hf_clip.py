@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["HF_WEIGHT_FILES", "convert_hf_vision_state", "hf_vision_config", "is_hf_state"]
+__all__ = ["HF_WEIGHT_FILES", "convert_hf_clip_state", "convert_hf_vision_state", "hf_vision_config", "is_hf_state"]
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
@@ -48,7 +48,6 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 _PREFIX = "vision_model."
 _BARE = ("embeddings.", "encoder.layers.", "pre_layrnorm.", "post_layernorm.")
 _BARE_MARKER = "embeddings.patch_embedding.weight"
-_LAYER = re.compile(r"^vision_model\.encoder\.layers\.(\d+)\.(.+)$")
 _TOP = {
     "embeddings.class_embedding": "class_embedding",
     "embeddings.patch_embedding.weight": "conv1.weight",
@@ -69,6 +68,12 @@ _IN_LAYER = {
     "mlp.fc1.bias": "mlp.c_fc.bias",
     "mlp.fc2.weight": "mlp.c_proj.weight",
     "mlp.fc2.bias": "mlp.c_proj.bias",
+}
+_TEXT_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
 }
 # buffers HF keeps (or kept) that open_clip has no counterpart for
 _IGNORED = ("embeddings.position_ids",)
@@ -100,14 +105,42 @@ def hf_vision_config(folder: str | Path) -> dict:
     return cfg
 
 
-def _convert_layer(i: int, rest: str, t: Tensor, out: dict, qkv: dict) -> None:
+def _convert_layer(prefix: str, i: int, rest: str, t: Tensor, out: dict, qkv: dict) -> None:
     m = re.match(r"^self_attn\.([qkv])_proj\.(weight|bias)$", rest)
     if m:
         qkv.setdefault((i, m.group(2)), {})[m.group(1)] = t
         return
     if rest not in _IN_LAYER:
-        raise HFConversionError(f"unknown HF vision key 'vision_model.encoder.layers.{i}.{rest}'")
+        raise HFConversionError(f"unknown HF key '{prefix}encoder.layers.{i}.{rest}'")
     out[f"transformer.resblocks.{i}.{_IN_LAYER[rest]}"] = t
+
+
+def _convert_tower(state: Mapping[str, Tensor], prefix: str, top: Mapping[str, str], source: str) -> dict:
+    """One transformer tower (``vision_model.`` or ``text_model.``) → open_clip keys, q/k/v fused."""
+    layer = re.compile(rf"^{re.escape(prefix)}encoder\.layers\.(\d+)\.(.+)$")
+    out: dict[str, Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, t in state.items():
+        if not key.startswith(prefix):
+            continue
+        m = layer.match(key)
+        if m:
+            _convert_layer(prefix, int(m.group(1)), m.group(2), t, out, qkv)
+            continue
+        rest = key[len(prefix):]
+        if rest in _IGNORED:
+            continue
+        if rest not in top:
+            raise HFConversionError(f"{source}: unknown HF key {key!r}")
+        out[top[rest]] = t
+    for (i, kind), parts in sorted(qkv.items()):
+        missing = [p for p in "qkv" if p not in parts]
+        if missing:
+            raise HFConversionError(
+                f"{source}: layer {i} lacks 'self_attn.{missing[0]}_proj.{kind}' (needed for in_proj_{kind})"
+            )
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
 
 
 def convert_hf_vision_state(
@@ -122,28 +155,7 @@ def convert_hf_vision_state(
         source: how the state dict is called in error messages (usually its file name).
     """
     state = _with_prefix(state)
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for key, t in state.items():
-        if not key.startswith(_PREFIX):
-            continue
-        m = _LAYER.match(key)
-        if m:
-            _convert_layer(int(m.group(1)), m.group(2), t, out, qkv)
-            continue
-        rest = key[len(_PREFIX):]
-        if rest in _IGNORED:
-            continue
-        if rest not in _TOP:
-            raise HFConversionError(f"{source}: unknown HF vision key {key!r}")
-        out[_TOP[rest]] = t
-    for (i, kind), parts in sorted(qkv.items()):
-        missing = [p for p in "qkv" if p not in parts]
-        if missing:
-            raise HFConversionError(
-                f"{source}: layer {i} lacks 'self_attn.{missing[0]}_proj.{kind}' (needed for in_proj_{kind})"
-            )
-        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    out = _convert_tower(state, _PREFIX, _TOP, source)
     if "visual_projection.weight" in state:
         out["proj"] = state["visual_projection.weight"].t().contiguous()
     elif projection is not None:
@@ -153,4 +165,25 @@ def convert_hf_vision_state(
             f"{source} has no 'visual_projection.weight' (a CLIPVisionModel keeps it in CLIPModel): "
             "pass projection= (open_clip's proj [width, embed_dim], e.g. the pretrained model's)"
         )
+    return out
+
+
+def convert_hf_clip_state(state: Mapping[str, Tensor], source: str = "HF state dict") -> dict[str, Tensor]:
+    """A whole HF ``CLIPModel`` state dict → an open_clip ``CLIP`` state dict (both towers).
+
+    Text tower: ``text_model.embeddings.token_embedding`` → ``token_embedding``, ``position_embedding``
+    → ``positional_embedding``, layers as for vision, ``final_layer_norm`` → ``ln_final``,
+    ``text_projection.weight [E, W]`` → ``text_projection [W, E]``, ``logit_scale`` as is.
+
+    Args:
+        state: an HF CLIPModel state dict (``vision_model.*``, ``text_model.*``, both projections).
+        source: how the state dict is called in error messages.
+    """
+    need = [k for k in ("text_projection.weight", "logit_scale", "visual_projection.weight") if k not in state]
+    if need:
+        raise HFConversionError(f"{source}: not a full HF CLIPModel (no {need[0]!r})")
+    out = {f"visual.{k}": v for k, v in convert_hf_vision_state(state, source=source).items()}
+    out.update(_convert_tower(state, "text_model.", _TEXT_TOP, source))
+    out["text_projection"] = state["text_projection.weight"].t().contiguous()
+    out["logit_scale"] = state["logit_scale"].reshape(())
     return out

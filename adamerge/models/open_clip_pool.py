@@ -32,7 +32,7 @@ from adamerge.merging.task_vectors import MergeError, check_compatible
 from adamerge.models.checkpoints import CheckpointError, check_finite, load_visual_state, read_state_dict
 from adamerge.models.export import export_merged
 from adamerge.models.heads import cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
-from adamerge.models.hf_clip import hf_vision_config
+from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, hf_vision_config, is_hf_state
 from adamerge.models.pool import ModelPool
 
 __all__ = ["ExpertFile", "OpenCLIPPool", "load_clip", "register_model_config"]
@@ -86,8 +86,9 @@ def load_clip(
     Args:
         model_name: open_clip architecture name (``ViT-B-32``) or a registered custom config.
         pretrained: an open_clip tag (``openai``), a local ``.pt``/``.bin``/``.safetensors`` full CLIP
-            state dict, ``local-dir:DIR`` (open_clip folder with ``open_clip_config.json``; ``model_name``
-            is then ignored), or None for random weights.
+            state dict, an HF ``CLIPModel`` folder (e.g. ``openai/clip-vit-base-patch32``; pair it with
+            a ``-quickgelu`` model name), ``local-dir:DIR`` (open_clip folder with
+            ``open_clip_config.json``; ``model_name`` is then ignored), or None for random weights.
         allow_pickle: accept a pickled local ``pretrained`` file.
         precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
     """
@@ -96,11 +97,16 @@ def load_clip(
         return clip.eval(), open_clip.get_tokenizer(pretrained), pretrained
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
-    local = pretrained is not None and (os.sep in pretrained or Path(pretrained).suffix in (
-        ".pt", ".pth", ".bin", ".safetensors"))
+    local = pretrained is not None and (Path(pretrained).exists() or os.sep in pretrained or Path(
+        pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
     clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
         state = read_state_dict(pretrained, allow_pickle=allow_pickle)
+        if is_hf_state(state):
+            try:
+                state = convert_hf_clip_state(state, source=str(pretrained))
+            except HFConversionError as e:
+                raise CheckpointError(str(e)) from None
         try:
             check_compatible(clip.state_dict(), state, name=f"pretrained {pretrained} (a full {model_name} CLIP)")
             check_finite(state, name=f"pretrained {pretrained}")
@@ -116,7 +122,8 @@ class OpenCLIPPool(ModelPool):
     Args:
         model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, or the name of ``model_config``).
         pretrained: open_clip tag (``openai``, ``laion2b_s34b_b79k``), a local full-CLIP
-            ``.pt``/``.bin``/``.safetensors`` file, ``local-dir:DIR``, or None for random weights.
+            ``.pt``/``.bin``/``.safetensors`` file, an HF CLIPModel folder (FusionBench's
+            ``openai/clip-vit-base-patch32``), ``local-dir:DIR``, or None for random weights.
         experts: task name → expert checkpoint: ``.safetensors``, ``.pt`` (read with
             ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), or an
             HF CLIPVisionModel / CLIPModel folder. Task names must be registered.
