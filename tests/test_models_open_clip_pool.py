@@ -170,6 +170,11 @@ def test_task_without_expert_and_empty_experts(setup):
         _pool(setup, experts={})
 
 
+def test_unknown_model_name(setup):
+    with pytest.raises(ValueError, match="unknown open_clip model 'ViT-Nope'"):
+        _pool(setup, model_name="ViT-Nope", model_config=None)
+
+
 def test_missing_expert_file_names_task_and_file(setup):
     with pytest.raises(CheckpointError, match="'tiny_shapes'.*missing.pt"):
         _pool(setup, experts={**setup["files"], "tiny_shapes": str(setup["tmp"] / "missing.pt")})

@@ -95,6 +95,7 @@ def load_clip(
     if pretrained and pretrained.startswith(_LOCAL_DIR):
         clip = open_clip.create_model(pretrained, precision=precision)
         return clip.eval(), open_clip.get_tokenizer(pretrained), pretrained
+    model_name = model_name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 → ViT-B-32
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
     local = pretrained is not None and (Path(pretrained).exists() or os.sep in pretrained or Path(
