@@ -48,19 +48,19 @@ class MiniConfig:
     text: dict = field(default_factory=lambda: dict(context_length=16, width=96, heads=4, layers=2))
     embed_dim: int = 128
     init_logit_scale: float = math.log(100.0)
-    n_train: int = 500
+    n_train: int = 600
     n_val: int = 100
     n_test: int = 500
-    n_slice: int = 300
+    n_slice: int = 60
     n_pre_fashion: int = 12000
-    n_pre_mnist: int = 1000
-    slice_frac: float = 0.2
+    n_pre_mnist: int = 600
+    slice_frac: float = 0.1
     pre_steps: int = 500
     pre_batch: int = 128
     pre_lr: float = 1e-3
     pre_wd: float = 0.1
     pre_warmup: int = 25
-    ft_steps: int = 150
+    ft_steps: int = 300
     ft_batch: int = 64
     ft_lr: float = 3e-4
     ft_wd: float = 0.1
