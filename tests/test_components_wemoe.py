@@ -130,6 +130,19 @@ def test_per_sample_matches_python_loop(pool, impl):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_chunked_per_sample_merging_equals_whole_batch(pool):
+    model = upscale(pool)
+    randomise_routers(model)
+    x = images(5)
+    whole = model(x)
+    model.set_chunk_size(2)
+    assert model.mlps[0].chunk_size == 2
+    torch.testing.assert_close(model(x), whole, atol=1e-6, rtol=1e-5)
+    assert model.mlps[0].last_weights.shape == (5, 3)
+    with pytest.raises(WEMoEError, match="chunk_size"):
+        model.set_chunk_size(0)
+
+
 def test_batch_reduce_matches_loop_with_averaged_weights(pool):
     model = upscale(pool)
     randomise_routers(model)

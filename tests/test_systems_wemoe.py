@@ -47,8 +47,9 @@ def test_defaults_and_learnable_parameters():
     assert sum(v.numel() for v in learnable.values()) == system.model.trainable_parameter_count()
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}
     assert trainable == set(learnable)
-    e = EWEMoE(pool)
+    e = EWEMoE(pool, chunk_size=3, impl="experts")
     assert len(e.model.routers) == 1 and e.model.config["keep_ratio"] == 0.1
+    assert e.model.mlps[0].chunk_size == 3 and e.model.mlps[1].impl == "experts"
     with pytest.raises(ValueError, match="tau_dtype"):
         WEMoE(pool, tau_dtype="int8")
 

@@ -32,7 +32,8 @@ y_b = x_b W_bᵀ + b_b are implemented (:func:`ensemble_linear`):
 With ViT token counts (T = 50 for B/32, 257 for L/14) and K ≈ 8, ``"weights"`` does ~(K+T)/((K+1)T) ≈
 1/8 of the work, so it is the default (benchmarks/wemoe_throughput.py measures both; ViT-B/32, K = 8,
 B = 64 on 2 CPU cores: 0.50 vs 0.23 images/s, against 0.06 for a per-sample loop). Its transient
-memory is B·out·in per linear (600 MB at B = 64 for B/32's c_fc in float32). ``batch_reduce=True``
+memory is B·out·in per linear (600 MB at B = 64 for B/32's c_fc in float32; ``set_chunk_size`` bounds
+it by merging a few samples at a time). ``batch_reduce=True``
 averages r over the batch, merges once and runs a plain matmul (cheap; used while adapting).
 
 W_0, τ and every frozen parameter are non-persistent buffers: ``state_dict()`` holds only the routers.
@@ -231,6 +232,7 @@ class WeightEnsemblingMLP(nn.Module):
         self.batch_first = batch_first
         self.batch_reduce = False
         self.impl: Impl = "weights"
+        self.chunk_size: int | None = None
         self.last_weights: Tensor | None = None
 
     @property
@@ -248,11 +250,18 @@ class WeightEnsemblingMLP(nn.Module):
             x = x.transpose(0, 1)
         r = self.routing_weights(x)
         self.last_weights = r.detach()
+        if r.dim() == 2 and self.chunk_size and x.shape[0] > self.chunk_size:
+            n = self.chunk_size
+            y = torch.cat([self._mlp(xc, rc) for xc, rc in zip(x.split(n), r.split(n))])
+        else:
+            y = self._mlp(x, r)
+        return y if self.batch_first else y.transpose(0, 1)
+
+    def _mlp(self, x: Tensor, r: Tensor) -> Tensor:
         h = ensemble_linear(x, self.w0_fc, self.b0_fc, self.tau_w_fc, self.tau_b_fc, r, self.impl)
-        y = ensemble_linear(
+        return ensemble_linear(
             self.middle(h), self.w0_proj, self.b0_proj, self.tau_w_proj, self.tau_b_proj, r, self.impl
         )
-        return y if self.batch_first else y.transpose(0, 1)
 
 
 class WEMoEModel(nn.Module):
@@ -303,6 +312,16 @@ class WEMoEModel(nn.Module):
             raise WEMoEError(f"unknown impl {impl!r}: expected 'weights' or 'experts'")
         for m in self.mlps:
             m.impl = impl
+
+    def set_chunk_size(self, chunk_size: int | None) -> None:
+        """Merge per-sample weights for at most ``chunk_size`` samples at a time (None: whole batch).
+
+        Bounds the transient memory of per-sample merging (chunk_size · out · in per linear).
+        """
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise WEMoEError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+        for m in self.mlps:
+            m.chunk_size = None if chunk_size is None else int(chunk_size)
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

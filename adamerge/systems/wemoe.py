@@ -64,6 +64,8 @@ class WEMoE(TestTimeSystem):
         tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
         impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
             through the K task vectors); see ``adamerge.components.wemoe.ensemble_linear``.
+        chunk_size: merge per-sample weights for at most this many samples at a time (bounds the
+            transient memory, chunk_size × the MLP's weights per linear); None: the whole batch.
         optimizer: optimizer for the routers (default Adam, lr 1e-4).
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
     """
@@ -81,6 +83,7 @@ class WEMoE(TestTimeSystem):
         batch_reduce: bool = True,
         tau_dtype: str = "float32",
         impl: str = "weights",
+        chunk_size: int | None = None,
         optimizer: OptimizerCallable = wemoe_optimizer,
         export_dir: str | None = None,
     ) -> None:
@@ -103,6 +106,7 @@ class WEMoE(TestTimeSystem):
         )
         self.model.config["merged_state"] = None if merged_state is None else str(merged_state)
         self.model.set_impl(impl)
+        self.model.set_chunk_size(chunk_size)
         self.batch_reduce = bool(batch_reduce)
 
     def task_logits(self, task: str, images: Tensor) -> Tensor:
@@ -161,6 +165,7 @@ class EWEMoE(WEMoE):
         batch_reduce: while training, average the routing weights over each task's batch.
         tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
         impl: per-sample evaluation, ``weights`` or ``experts``.
+        chunk_size: merge per-sample weights for at most this many samples at a time; None: all.
         optimizer: optimizer for the router (default Adam, lr 1e-4).
         export_dir: if set, router, the upscaled model and ``metrics.json`` go here after fit.
     """
@@ -178,23 +183,25 @@ class EWEMoE(WEMoE):
         batch_reduce: bool = True,
         tau_dtype: str = "float32",
         impl: str = "weights",
+        chunk_size: int | None = None,
         optimizer: OptimizerCallable = wemoe_optimizer,
         export_dir: str | None = None,
     ) -> None:
         super().__init__(
             pool,
             tasks,
-            init_lambda,
-            scaling_factor,
-            merged_state,
-            router_hidden_layers,
-            shared_router,
-            keep_ratio,
-            batch_reduce,
-            tau_dtype,
-            impl,
-            optimizer,
-            export_dir,
+            init_lambda=init_lambda,
+            scaling_factor=scaling_factor,
+            merged_state=merged_state,
+            router_hidden_layers=router_hidden_layers,
+            shared_router=shared_router,
+            keep_ratio=keep_ratio,
+            batch_reduce=batch_reduce,
+            tau_dtype=tau_dtype,
+            impl=impl,
+            chunk_size=chunk_size,
+            optimizer=optimizer,
+            export_dir=export_dir,
         )
 
 
