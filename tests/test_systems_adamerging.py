@@ -183,6 +183,6 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     first = run(3, callbacks=[ckpt])  # killed mid-way through the first epoch (step 3 of 4)
     assert not torch.allclose(first, full)
-    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", every_n_train_steps=1, save_last=True)
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     resumed = run(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt", callbacks=[again])
     torch.testing.assert_close(resumed, full)
