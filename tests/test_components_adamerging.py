@@ -277,3 +277,22 @@ def test_freeze_as_buffers_leaves_no_parameters():
     lin = freeze_as_buffers(nn.Linear(3, 2, bias=False))
     assert list(lin.parameters()) == [] and lin.state_dict() == {} and lin.bias is None
     assert lin(torch.randn(1, 3)).shape == (1, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_merge_runs_on_the_gpu_without_host_copies():
+    pool = soft_pool()
+    model = AdaMergingModel.from_pool(pool, granularity="layer").cuda()
+    assert all(b.is_cuda for b in model.buffers()) and model.lambdas.is_cuda
+    images = torch.randn(4, 3, 16, 16, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        feats = model(images)
+    feats.float().sum().backward()
+    assert model.lambdas.grad.is_cuda and torch.isfinite(model.lambdas.grad).all()
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        merged = model.merged_parameters()  # float32 arithmetic even under autocast
+    expected = AdaMergingModel.from_pool(pool, granularity="layer").merged_state_dict()
+    for key, value in merged.items():
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.cpu(), expected[key], rtol=1e-5, atol=1e-6)
