@@ -108,3 +108,16 @@ def test_unknown_task_fails_before_training(tmp_path, mini_tiny_cache):
     with pytest.raises(ValueError, match="'nope'"):
         main(["fit", "--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
               "--data.init_args.tasks=[mini_fashion,nope]"], run=False)
+
+
+def test_fit_writes_a_results_record(tmp_path, mini_tiny_cache):
+    """A train.py run's metrics.json is a results record: the README table is built from these files."""
+    from adamerge.results import collect, render_table
+
+    cli = _fit_two_steps(["--config", str(ROOT / "configs/mini/adamerging_plusplus.yaml"), "--seed_everything=3",
+                          *_mini_overrides(mini_tiny_cache)], tmp_path)
+    [record] = collect(tmp_path / "export")
+    assert record["method"] == "AdaMerging++ (layer-wise)" and record["seed"] == 3 and record["steps"] == 2
+    assert record["accuracy"] == {t: pytest.approx(float(cli.trainer.callback_metrics[f"val/acc/{t}"]))
+                                  for t in cli.model.tasks}
+    assert "AdaMerging++ (layer-wise)" in render_table([record])

@@ -144,7 +144,8 @@ def test_export_writes_merged_model_and_coefficients(tmp_path):
         load_file(out / "coefficients.safetensors")["coefficients"], system.model.coefficients().detach()
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
+    assert set(metrics["logged"]) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
+    assert set(metrics["accuracy"]) == {"task0", "task1", "task2"}
 
 
 def test_heatmap_figure_and_wandb_logging(tmp_path, monkeypatch):

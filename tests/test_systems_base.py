@@ -194,7 +194,11 @@ def test_fit_end_exports_learned_parameters_and_metrics(tmp_path):
     dm = TestTimeDataModule(TinySource(n=8), batch_size=4, steps_per_epoch=2)
     trainer(tmp_path, max_steps=2).fit(system, dm)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
-    assert metrics["val/acc/avg"] == pytest.approx(sum(metrics[f"val/acc/task{k}"] for k in range(3)) / 3)
+    assert set(metrics["logged"]) == {"val/acc/task0", "val/acc/task1", "val/acc/task2", "val/acc/avg"}
+    assert set(metrics["accuracy"]) == {"task0", "task1", "task2"}
+    logged = metrics["logged"]
+    assert logged["val/acc/avg"] == pytest.approx(sum(logged[f"val/acc/task{k}"] for k in range(3)) / 3)
+    assert metrics["accuracy"] == {f"task{k}": pytest.approx(logged[f"val/acc/task{k}"]) for k in range(3)}
+    assert metrics["avg"] == pytest.approx(logged["val/acc/avg"]) and metrics["method"] == "ScaledProbe"
     learned = load_file(out / "learned.safetensors")
     torch.testing.assert_close(learned["temperature"], system.temperature.detach())

@@ -72,6 +72,12 @@ class AdaMerging(TestTimeSystem):
         )
         self._eval_params: dict[str, Tensor] | None = None
 
+    @property
+    def method_label(self) -> str:
+        """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, …: the row name in results tables."""
+        name = "AdaMerging++" if self.hparams.get("ties_keep") is not None else "AdaMerging"
+        return f"{name} ({self.hparams.get('granularity', 'layer')}-wise)"
+
     # ---- forward ---------------------------------------------------------------------------
     def encode(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Features of the merged encoder (``params``: precomputed merged weights, else merge now)."""

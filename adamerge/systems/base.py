@@ -36,6 +36,7 @@ pool or task list fails before training. At the end of ``fit`` rank 0 calls ``ex
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -50,6 +51,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from adamerge.components.losses import entropy
 from adamerge.models.pool import ModelPool, zero_shot_logits
+from adamerge.results import write_metrics
 
 __all__ = ["CheckpointMismatchError", "TestTimeSystem", "default_optimizer"]
 
@@ -295,5 +297,25 @@ class TestTimeSystem(L.LightningModule):
         if self.trainer.is_global_zero:
             directory = Path(self.export_dir)
             self.export(directory)
-            (directory / "metrics.json").write_text(json.dumps(self.last_metrics, indent=2, sort_keys=True))
+            self.write_metrics(directory)
         self.trainer.strategy.barrier("adamerge-export")
+
+    @property
+    def method_label(self) -> str:
+        """The row name of this run in results tables; subclasses name their variant."""
+        return type(self).__name__
+
+    def write_metrics(self, directory: Path) -> Path | None:
+        """``directory/metrics.json`` in :mod:`adamerge.results`' format, from the last validation.
+
+        The seed is Lightning's global seed (``seed_everything``); the benchmark is the pool's name.
+        Nothing is written when no validation ran (``limit_val_batches=0``).
+        """
+        accuracy = {t: self.last_metrics[f"val/acc/{t}"] for t in self.tasks if f"val/acc/{t}" in self.last_metrics}
+        if not accuracy:
+            warnings.warn(f"{type(self).__name__}: no validation ran, so no metrics.json in {directory}", stacklevel=2)
+            return None
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        return write_metrics(directory, self.method_label, accuracy, seed=int(seed) if seed is not None else None,
+                             benchmark=self.pool.name, split=getattr(self.trainer.datamodule, "eval_split", "test"),
+                             steps=int(self.trainer.global_step), logged=dict(self.last_metrics))
