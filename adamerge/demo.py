@@ -1,0 +1,149 @@
+"""The main job: every method of adamerge on the built-in mini benchmark, as data.
+
+    python -m adamerge.demo                       # seed 0: build (or load) the benchmark, run all
+    python -m adamerge.demo --seeds 0 1 2 --readme README.md    # the README's results table
+
+Per seed it builds (or loads from the cache) the mini benchmark, evaluates the static baselines
+(zero-shot, experts, weight averaging, task arithmetic at λ=0.3 and at λ chosen on the labeled val
+split, TIES, PCB, OPCM), then trains the test-time methods through the real LightningCLI entry
+(``configs/mini/*.yaml``) on the unlabeled test stream. Every run writes ``metrics.json`` in
+``OUT/seed<k>/<run>/``; the table printed at the end is generated from those files
+(:mod:`adamerge.results`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adamerge.results import collect, render_table, update_readme, write_metrics
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mini"
+
+# (run folder, table name, static merge method for adamerge.merging.merge_pool, its kwargs)
+STATIC: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("weight_averaging", "Weight averaging", "weight_average", {}),
+    ("task_arithmetic", "Task arithmetic (λ=0.3)", "task_arithmetic", {"lam": 0.3}),
+    # The AdaMerging papers' TIES baseline: top-20 %, disjoint *sum*, λ = 0.3.
+    ("ties", "TIES-Merging", "ties", {"keep": 0.2, "merge": "sum", "lam": 0.3}),
+    ("pcb", "PCB-Merging", "pcb", {}),
+    ("opcm", "OPCM (continual)", "opcm", {}),
+]
+LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
+
+# (run folder, table name, config under configs/mini, extra CLI overrides)
+ADAPTIVE: list[tuple[str, str, str]] = [
+    ("adamerging_task", "AdaMerging (task-wise)", "adamerging_task.yaml"),
+    ("adamerging_layer", "AdaMerging (layer-wise)", "adamerging_layer.yaml"),
+    ("adamerging_plusplus", "AdaMerging++ (layer-wise)", "adamerging_plusplus.yaml"),
+    ("wemoe", "WEMoE", "wemoe.yaml"),
+    ("ewemoe", "E-WEMoE", "ewemoe.yaml"),
+    ("surgery_ta", "Surgery on TA", "surgery_ta.yaml"),
+    ("surgeryv2_ta", "SurgeryV2 on TA", "surgeryv2_ta.yaml"),
+]
+
+
+def _log(msg: str) -> None:
+    print(f"[adamerge.demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_static(bench: Any, pool: Any, out: Path, seed: int, skip: Callable[[str], bool]) -> None:
+    """Zero-shot, experts and the static merges, each written as a run folder."""
+    from adamerge.evaluation import evaluate_encoder
+    from adamerge.merging import merge_pool
+
+    tasks = bench.tasks
+
+    def evaluate(state: dict | None, split: str = "test") -> dict[str, float]:
+        encoder = pool.build_encoder(state)
+        return evaluate_encoder(encoder, pool, bench, tasks, split=split)["accuracy"]
+
+    if not skip("zero_shot"):
+        write_metrics(out / "zero_shot", "Zero-shot", evaluate(None), seed=seed)
+    if not skip("experts"):
+        acc = {t: evaluate_encoder(pool.build_encoder(pool.expert_state(t)), pool, bench, [t])["accuracy"][t]
+               for t in tasks}
+        write_metrics(out / "experts", "Individual experts", acc, seed=seed)
+    for folder, name, method, kwargs in STATIC:
+        if skip(folder):
+            continue
+        t0 = time.perf_counter()
+        state = merge_pool(pool, method, **kwargs)
+        write_metrics(out / folder, name, evaluate(state), seed=seed, merge_seconds=time.perf_counter() - t0)
+    if not skip("task_arithmetic_val"):
+        val = {}
+        for lam in LAMBDA_GRID:
+            acc = evaluate(merge_pool(pool, "task_arithmetic", lam=lam), split="val")
+            val[lam] = sum(acc.values()) / len(acc)
+        best = max(val, key=lambda k: val[k])
+        write_metrics(out / "task_arithmetic_val", f"Task arithmetic (λ on val)", evaluate(
+            merge_pool(pool, "task_arithmetic", lam=best)), seed=seed, lam=best, val_avg=val)
+
+
+def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Callable[[str], bool],
+                 extra: Sequence[str] = ()) -> None:
+    """The test-time methods through the LightningCLI entry and the shipped mini configs."""
+    from adamerge.cli import main as cli_main
+
+    for folder, name, config in ADAPTIVE:
+        cfg = CONFIGS / config
+        if skip(folder) or not cfg.exists():
+            if not cfg.exists():
+                _log(f"skip {name}: {cfg} not found")
+            continue
+        _log(f"{name}: training")
+        args = ["fit", "--config", str(cfg), f"--seed_everything={seed}",
+                f"--model.init_args.pool.init_args.preset={preset}", f"--model.init_args.pool.init_args.seed={seed}",
+                f"--data.init_args.source.init_args.preset={preset}", f"--data.init_args.source.init_args.seed={seed}",
+                f"--model.init_args.export_dir={out / folder}",
+                f"--trainer.default_root_dir={out / folder}", "--trainer.logger=false", *extra]
+        if steps is not None:
+            args.append(f"--trainer.max_steps={steps}")
+        cli_main(args)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m adamerge.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="benchmark seeds (3 for the README)")
+    p.add_argument("--preset", default="default", help="mini benchmark preset (default | tiny)")
+    p.add_argument("--out", default="runs/mini", help="runs folder; one sub-folder per seed and run")
+    p.add_argument("--steps", type=int, default=None, help="override the adaptation steps of every method")
+    p.add_argument("--only", nargs="*", default=None, help="run folders to (re)run; default: all")
+    p.add_argument("--skip-done", action="store_true", help="skip runs whose metrics.json exists")
+    p.add_argument("--readme", default=None, help="also write the table into this README's results block")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    from adamerge.data.mini import MiniBenchmark
+
+    root = Path(args.out)
+    torch.set_float32_matmul_precision("high")
+    for seed in args.seeds:
+        out = root / f"seed{seed}"
+
+        def skip(folder: str, out: Path = out) -> bool:
+            if args.only is not None and folder not in args.only:
+                return True
+            return args.skip_done and (out / folder / "metrics.json").exists()
+
+        _log(f"seed {seed}: building / loading the mini benchmark ({args.preset})")
+        bench = MiniBenchmark(preset=args.preset, seed=seed)
+        bench.build()
+        run_static(bench, bench.pool(), out, seed, skip)
+        run_adaptive(args.preset, seed, out, args.steps, skip)
+    table = render_table(collect(root))
+    if args.readme:
+        update_readme(args.readme, table)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
