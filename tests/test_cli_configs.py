@@ -14,15 +14,18 @@ from adamerge.cli import main
 from adamerge.data.registry import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "trainer")
+FRAGMENT_DIRS = ("trainer", "method")  # partial configs, layered after a full run config
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in FRAGMENT_DIRS)
 FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
+METHOD_FRAGMENTS = sorted((ROOT / "configs" / "method").glob("*.yaml"))
 VITB32_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 
 
 def _fit_two_steps(args: list[str], tmp_path: Path):
     common = [
         "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
-        "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=null",
         f"--model.init_args.export_dir={tmp_path / 'export'}", "--data.init_args.steps_per_epoch=2",
         "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
@@ -121,3 +124,19 @@ def test_fit_writes_a_results_record(tmp_path, mini_tiny_cache):
     assert record["accuracy"] == {t: pytest.approx(float(cli.trainer.callback_metrics[f"val/acc/{t}"]))
                                   for t in cli.model.tasks}
     assert "AdaMerging++ (layer-wise)" in render_table([record])
+
+
+def _class_path(config: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(config.read_text())["model"]["class_path"]
+
+
+@pytest.mark.parametrize("fragment", METHOD_FRAGMENTS, ids=lambda p: p.name)
+def test_method_fragments_layer_onto_a_mini_run(fragment, tmp_path, mini_tiny_cache):
+    """``--config configs/mini/<run>.yaml --config configs/method/<m>.yaml`` runs the fragment's method."""
+    runs = [c for c in CONFIGS if c.parent.name == "mini" and _class_path(c) == _class_path(fragment)]
+    assert runs, f"{fragment}: no mini run config of {_class_path(fragment)} to layer it onto"
+    cli = _fit_two_steps(["--config", str(runs[0]), "--config", str(fragment), *_mini_overrides(mini_tiny_cache)],
+                         tmp_path)
+    assert f"{type(cli.model).__module__}.{type(cli.model).__name__}" == _class_path(fragment)

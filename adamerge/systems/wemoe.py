@@ -204,6 +204,10 @@ class EWEMoE(WEMoE):
             export_dir=export_dir,
         )
 
+    @property
+    def method_label(self) -> str:
+        return "E-WEMoE"
+
 
 # ---- whole-model files ---------------------------------------------------------------------------
 def save_wemoe(model: WEMoEModel, directory: str | os.PathLike, extra: dict | None = None) -> dict:
