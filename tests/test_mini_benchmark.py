@@ -175,8 +175,9 @@ def test_pool_usable(built):
         assert h.shape == (get_task(t).num_classes, d)
         torch.testing.assert_close(h.norm(dim=-1), torch.ones(len(h)))
         tau = pool.task_vector(t)
-        assert tau["transformer.resblocks.0.mlp.c_fc.weight"].abs().sum() > 0
-        assert tau["conv1.weight"].abs().sum() == 0  # frozen while fine-tuning
+        assert tau["proj"].abs().sum() > 0 and tau["ln_post.weight"].abs().sum() > 0
+        for k, v in tau.items():  # exactly the frozen prefixes stay at θ0
+            assert (v.abs().sum() == 0) == k.startswith(built.config.ft_freeze), k
     x = torch.stack([built.dataset("mini_fashion", "test")[i][0] for i in range(4)])
     assert pool.build_encoder(pool.expert_state("mini_fashion"))(x).shape == (4, d)
     assert pool.logit_scale == pytest.approx(built.manifest["logit_scale"], rel=1e-6)
