@@ -36,15 +36,18 @@ STATIC: list[tuple[str, str, str, dict[str, Any]]] = [
 ]
 LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
-# (run folder, table name, config under configs/mini, extra CLI overrides)
+# (run folder, table name, config under configs/mini); Surgery "on AdaMerging" reads the layer-wise
+# AdaMerging run's export of the same seed, so it comes after it.
 ADAPTIVE: list[tuple[str, str, str]] = [
     ("adamerging_task", "AdaMerging (task-wise)", "adamerging_task.yaml"),
     ("adamerging_layer", "AdaMerging (layer-wise)", "adamerging_layer.yaml"),
     ("adamerging_plusplus", "AdaMerging++ (layer-wise)", "adamerging_plusplus.yaml"),
-    ("wemoe", "WEMoE", "wemoe.yaml"),
-    ("ewemoe", "E-WEMoE", "ewemoe.yaml"),
     ("surgery_ta", "Surgery on TA", "surgery_ta.yaml"),
     ("surgeryv2_ta", "SurgeryV2 on TA", "surgeryv2_ta.yaml"),
+    ("surgery_adamerging", "Surgery on AdaMerging", "surgery_adamerging.yaml"),
+    ("surgeryv2_adamerging", "SurgeryV2 on AdaMerging", "surgeryv2_adamerging.yaml"),
+    ("ewemoe", "E-WEMoE", "ewemoe.yaml"),
+    ("wemoe", "WEMoE", "wemoe.yaml"),
 ]
 
 
@@ -102,6 +105,12 @@ def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Cal
                 f"--data.init_args.source.init_args.preset={preset}", f"--data.init_args.source.init_args.seed={seed}",
                 f"--model.init_args.export_dir={out / folder}",
                 f"--trainer.default_root_dir={out / folder}", "--trainer.logger=false", *extra]
+        if folder.endswith("_adamerging"):
+            merged = out / "adamerging_layer" / "merged.safetensors"
+            if not merged.exists():
+                _log(f"skip {name}: no layer-wise AdaMerging export at {merged}")
+                continue
+            args.append(f"--model.init_args.base_merge={merged}")
         if steps is not None:
             args.append(f"--trainer.max_steps={steps}")
         cli_main(args)

@@ -72,6 +72,15 @@ def test_every_shipped_config_instantiates_and_runs(config, tmp_path, mini_tiny_
     text = config.read_text()
     if "MiniBenchmarkPool" in text:
         args = ["--config", str(config), *_mini_overrides(mini_tiny_cache)]
+        if "base_merge: runs/" in text:  # on a finished run's merged model: make one to point at
+            from adamerge.data.mini import MiniBenchmarkPool
+            from adamerge.merging import merge_pool
+
+            pool = MiniBenchmarkPool("tiny", 0, cache_dir=str(mini_tiny_cache))
+            merged = tmp_path / "adamerging_export" / "merged.safetensors"
+            merged.parent.mkdir()
+            save_file({k: v.contiguous() for k, v in merge_pool(pool, "task_arithmetic", lam=0.5).items()}, merged)
+            args.append(f"--model.init_args.base_merge={merged}")
     elif "OpenCLIPPool" in text:
         root, experts = vitb32_stand_in
         args = ["--config", str(config), "--model.init_args.pool.init_args.model_name=adamerge-test-vit",
@@ -84,6 +93,10 @@ def test_every_shipped_config_instantiates_and_runs(config, tmp_path, mini_tiny_
         pytest.fail(f"{config}: unknown pool; teach this test how to instantiate it")
     cli = _fit_two_steps(args, tmp_path)
     assert cli.model.tasks == cli.datamodule.tasks  # linked, written once
+    if "Surgery" in text:
+        expected = ("SurgeryV2" if "version: v2" in text else "Surgery") + (
+            " on AdaMerging" if "base_merge: runs/" in text else " on TA")
+        assert cli.model.method_label == expected
 
 
 @pytest.mark.parametrize("fragment", FRAGMENTS, ids=lambda p: p.name)

@@ -98,6 +98,21 @@ class Surgery(TestTimeSystem):
             pool, self.tasks, with_blocks=version == "v2", dtype=EXPERT_DTYPES[expert_dtype], cache=cache_experts
         )
 
+    @property
+    def method_label(self) -> str:
+        """``Surgery on TA``, ``SurgeryV2 on AdaMerging``, …: the row name in results tables."""
+        short = {"task_arithmetic": "TA", "weight_average": "WA", "ties": "TIES", "pcb": "PCB", "opcm": "OPCM"}
+        base = self.base_merge
+        if isinstance(base, dict):
+            base = base.get("method", "task_arithmetic")
+        if isinstance(base, str) and base in short:
+            name = short[base]
+        elif "adamerging" in str(base).lower():  # an AdaMerging run's export
+            name = "AdaMerging"
+        else:
+            name = Path(str(base)).stem
+        return f"{'SurgeryV2' if self.hparams.get('version') == 'v2' else 'Surgery'} on {name}"
+
     # ---- forward and loss -------------------------------------------------------------------
     def task_logits(self, task: str, images: Tensor) -> Tensor:
         return self.logits(task, self.model(task, images).final)
