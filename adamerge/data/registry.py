@@ -64,7 +64,9 @@ def register_task(
 
 
 def _ensure_standard() -> None:
-    from adamerge.data import standard_tasks  # noqa: F401  (registers on import)
+    # Built-in tasks register on import: the eight standard ones and the mini benchmark's six.
+    from adamerge.data import standard_tasks  # noqa: F401
+    from adamerge.data.mini import tasks as _mini_tasks  # noqa: F401
 
 
 def get_task(name: str) -> TaskInfo:
