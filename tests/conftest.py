@@ -45,6 +45,16 @@ def make_tiny_pool(num_tasks: int = 3, seed: int = 0, scale: float = 0.05) -> Mo
     return ModelPool(base, experts, heads, logit_scale=100.0, name="tiny")
 
 
+def quiet_trainer(tmp_path, **kwargs):
+    """A CPU Lightning Trainer for tests: no logger, checkpoints, progress bar, summary or sanity check."""
+    import lightning as L
+
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                    num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
 @pytest.fixture
 def tiny_clip():
     return make_tiny_clip()

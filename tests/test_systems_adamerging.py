@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_pool
+from conftest import make_tiny_pool, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from test_data_datamodule import TinySource
@@ -37,19 +37,7 @@ def soft_pool(name: str = "tiny", logit_scale: float = 10.0) -> ModelPool:
 
 
 def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "num_sanity_val_steps": 0,
-        "limit_val_batches": 0,
-    }
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return quiet_trainer(tmp_path, **{"limit_val_batches": 0, **kwargs})
 
 
 def summed_entropy(system: AdaMerging, src: TinySource) -> float:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_pool
+from conftest import quiet_trainer as trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from test_data_datamodule import TinySource
@@ -42,19 +42,6 @@ class ScaledProbe(TestTimeSystem):
         return self.temperature[self.tasks.index(task)] * self.logits(task, self.encoder(images))
 
 
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def test_tasks_default_to_pool_and_unknown_tasks_fail():

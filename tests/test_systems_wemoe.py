@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 from conftest import make_tiny_pool
+from conftest import quiet_trainer as trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 from test_data_datamodule import TinySource
@@ -16,21 +16,6 @@ from adamerge.components.losses import entropy
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.systems.base import CheckpointMismatchError
 from adamerge.systems.wemoe import EWEMoE, WEMoE, load_wemoe
-
-
-def trainer(tmp_path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-        "num_sanity_val_steps": 0,
-    }
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def images(n=4, seed=0):
