@@ -115,14 +115,14 @@ def test_trainer_fragments_compose_with_a_run(fragment, tmp_path, mini_tiny_cach
 
 def test_task_list_is_linked_from_data(tmp_path, mini_tiny_cache):
     tasks = ["mini_fashion", "mini_digits"]
-    cli = main(["fit", "--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+    cli = main(["--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
                 f"--data.init_args.tasks=[{','.join(tasks)}]", f"--model.init_args.export_dir={tmp_path}"], run=False)
     assert cli.model.tasks == tasks and cli.model.model.coefficients().shape[0] == 2
 
 
 def test_unknown_task_fails_before_training(tmp_path, mini_tiny_cache):
     with pytest.raises(ValueError, match="'nope'"):
-        main(["fit", "--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+        main(["--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
               "--data.init_args.tasks=[mini_fashion,nope]"], run=False)
 
 
