@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# jsonargparse 4.49+ deprecations raised by Lightning's own CLI code (lightning/pytorch/cli.py), not ours.
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import open_clip
 import pytest
