@@ -17,15 +17,6 @@ from adamerge.merging.task_vectors import MergeError
 from adamerge.models.pool import ModelPool
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def soft_pool(num_tasks: int = 3, logit_scale: float = 10.0) -> ModelPool:
     """The tiny pool with a smaller logit scale, so the entropy is far from saturated."""
     p = make_tiny_pool(num_tasks)

@@ -23,14 +23,6 @@ from adamerge.components.surgery import (
 from adamerge.merging.task_vectors import add_task_vector, sum_task_vectors
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU, more threads thrash (40x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 RANK = 4
 
 

@@ -9,15 +9,6 @@ from torch.utils.data import TensorDataset
 from adamerge.data.datamodule import ImagesOnly, StreamSampler, TestTimeDataModule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinySource:
     """A TaskSource matching tests/conftest.py's tiny pool: 16x16 images, classes 3, 4, 5 for task0..2.
 

@@ -17,16 +17,6 @@ from adamerge.merging import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 OpenMP threads spins for ~1 s per small SVD on the shared, overloaded CI box;
-    one thread takes well under a millisecond. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pool():
     return make_tiny_pool(num_tasks=3)

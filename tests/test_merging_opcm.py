@@ -15,16 +15,6 @@ from adamerge.merging import MergeError, OPCMerger, opcm_project
 from adamerge.merging.opcm import split_rank
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 OpenMP threads spins for ~1 s per small SVD on the shared, overloaded CI box;
-    one thread takes well under a millisecond. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pre(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {

@@ -9,16 +9,6 @@ import torch
 from adamerge.merging import MergeError, optmerge
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """LAPACK with 2 OpenMP threads spins for ~1 s per small SVD on the shared, overloaded CI box;
-    one thread takes well under a millisecond. Restored after each test."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     pre = {

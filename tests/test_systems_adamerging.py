@@ -21,15 +21,6 @@ from adamerge.systems.adamerging import AdaMerging, coefficient_heatmap
 from adamerge.systems.base import CheckpointMismatchError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def soft_pool(name: str = "tiny", logit_scale: float = 10.0) -> ModelPool:
     """The tiny pool with a moderate logit scale (entropy far from saturated), task vectors enlarged."""
     p = make_tiny_pool(scale=0.2)

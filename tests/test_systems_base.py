@@ -20,15 +20,6 @@ from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScaledProbe(TestTimeSystem):
     """A minimal subclass: frozen encoder (real parameters, frozen) + a learnable temperature per task."""
 

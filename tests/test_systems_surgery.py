@@ -19,14 +19,6 @@ from adamerge.systems.base import CheckpointMismatchError
 from adamerge.systems.surgery import Surgery
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread; on a shared CPU, more threads thrash (40x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 class _TinySource:
     """Per-task labeled random images; class counts equal the tiny pool's heads (3 + k)."""
 
