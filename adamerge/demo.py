@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from adamerge.results import collect, render_table, update_readme, write_metrics
+from adamerge.results import publish, write_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mini"
 
@@ -84,7 +84,7 @@ def run_static(bench: Any, pool: Any, out: Path, seed: int, skip: Callable[[str]
             acc = evaluate(merge_pool(pool, "task_arithmetic", lam=lam), split="val")
             val[lam] = sum(acc.values()) / len(acc)
         best = max(val, key=lambda k: val[k])
-        write_metrics(out / "task_arithmetic_val", f"Task arithmetic (λ on val)", evaluate(
+        write_metrics(out / "task_arithmetic_val", "Task arithmetic (λ on val)", evaluate(
             merge_pool(pool, "task_arithmetic", lam=best)), seed=seed, lam=best, val_avg=val)
 
 
@@ -147,11 +147,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         bench.build()
         run_static(bench, bench.pool(), out, seed, skip)
         run_adaptive(args.preset, seed, out, args.steps, skip)
-    table = render_table(collect(root))
-    if args.readme:
-        update_readme(args.readme, table)
-    print(table)
-    return table
+    return publish(root, args.readme)
 
 
 if __name__ == "__main__":

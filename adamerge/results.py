@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "update_readme", "main"]
+__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "update_readme", "publish", "main"]
 
 METRICS_FILE = "metrics.json"
 # Rows of known methods come in this order (the papers' tables); other methods follow, first seen first.
@@ -169,17 +169,22 @@ def update_readme(readme: str | os.PathLike, table: str) -> None:
     _atomic_write_text(readme, f"{head}{START}\n{table}\n{END}{tail}")
 
 
+def publish(runs: str | os.PathLike, readme: str | os.PathLike | None = None, benchmark: str | None = None) -> str:
+    """Collect the records under ``runs``, print the table, and write it into ``readme`` if given."""
+    table = render_table(collect(runs, benchmark))
+    if readme:
+        update_readme(readme, table)
+    print(table)
+    return table
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m adamerge.results", description=__doc__.splitlines()[0])
     p.add_argument("runs", help="folder searched recursively for metrics.json files")
     p.add_argument("--benchmark", default=None, help="only records of this benchmark")
     p.add_argument("--readme", default=None, help="write the table between the README's results markers")
     args = p.parse_args(argv)
-    table = render_table(collect(args.runs, args.benchmark))
-    if args.readme:
-        update_readme(args.readme, table)
-    print(table)
-    return table
+    return publish(args.runs, args.readme, args.benchmark)
 
 
 if __name__ == "__main__":
