@@ -67,25 +67,27 @@ def run_static(bench: Any, pool: Any, out: Path, seed: int, skip: Callable[[str]
         return evaluate_encoder(encoder, pool, bench, tasks, split=split)["accuracy"]
 
     if not skip("zero_shot"):
-        write_metrics(out / "zero_shot", "Zero-shot", evaluate(None), seed=seed)
+        write_metrics(out / "zero_shot", "Zero-shot", evaluate(None), seed=seed, benchmark=bench.benchmark_id)
     if not skip("experts"):
         acc = {t: evaluate_encoder(pool.build_encoder(pool.expert_state(t)), pool, bench, [t])["accuracy"][t]
                for t in tasks}
-        write_metrics(out / "experts", "Individual experts", acc, seed=seed)
+        write_metrics(out / "experts", "Individual experts", acc, seed=seed, benchmark=bench.benchmark_id)
     for folder, name, method, kwargs in STATIC:
         if skip(folder):
             continue
         t0 = time.perf_counter()
         state = merge_pool(pool, method, **kwargs)
-        write_metrics(out / folder, name, evaluate(state), seed=seed, merge_seconds=time.perf_counter() - t0)
+        write_metrics(out / folder, name, evaluate(state), seed=seed, benchmark=bench.benchmark_id,
+                      merge_seconds=time.perf_counter() - t0)
     if not skip("task_arithmetic_val"):
         val = {}
         for lam in LAMBDA_GRID:
             acc = evaluate(merge_pool(pool, "task_arithmetic", lam=lam), split="val")
             val[lam] = sum(acc.values()) / len(acc)
         best = max(val, key=lambda k: val[k])
-        write_metrics(out / "task_arithmetic_val", "Task arithmetic (λ on val)", evaluate(
-            merge_pool(pool, "task_arithmetic", lam=best)), seed=seed, lam=best, val_avg=val)
+        state = merge_pool(pool, "task_arithmetic", lam=best)
+        write_metrics(out / "task_arithmetic_val", "Task arithmetic (λ on val)", evaluate(state), seed=seed,
+                      benchmark=bench.benchmark_id, lam=best, val_avg=val)
 
 
 def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Callable[[str], bool],
@@ -111,8 +113,9 @@ def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Cal
                 _log(f"skip {name}: no layer-wise AdaMerging export at {merged}")
                 continue
             args.append(f"--model.init_args.base_merge={merged}")
-        if steps is not None:
-            args.append(f"--trainer.max_steps={steps}")
+        if steps is not None:  # and validate once, at the end, so the record is the final model's
+            args += [f"--trainer.max_steps={steps}", f"--data.init_args.steps_per_epoch={steps}",
+                     "--trainer.check_val_every_n_epoch=1"]
         cli_main(args)
 
 

@@ -129,6 +129,10 @@ def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | No
     """
     if not records:
         raise ValueError("no metrics records to tabulate")
+    benchmarks = sorted({str(r.get("benchmark", "mini")) for r in records})
+    if len(benchmarks) > 1:
+        raise ValueError(f"the records come from {len(benchmarks)} benchmarks ({', '.join(benchmarks)}); "
+                         "one table is one benchmark: pick one with --benchmark (or collect(..., benchmark=))")
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)

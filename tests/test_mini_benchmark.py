@@ -183,6 +183,14 @@ def test_pool_usable(built):
     assert pool.logit_scale == pytest.approx(built.manifest["logit_scale"], rel=1e-6)
 
 
+def test_benchmark_id_names_the_design_not_the_seed(built):
+    other_seed = MiniBenchmark("tiny", seed=1, cache_dir=built.root)
+    assert other_seed.key != built.key and other_seed.benchmark_id == built.benchmark_id
+    assert built.benchmark_id.startswith("mini-tiny-")
+    assert MiniBenchmark("default", seed=0).benchmark_id != built.benchmark_id
+    assert built.pool().benchmark_id == built.benchmark_id
+
+
 def test_clip_model_loads_through_open_clip(built):
     from safetensors.torch import load_file
 

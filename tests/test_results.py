@@ -50,3 +50,12 @@ def test_bad_records_are_named(tmp_path):
     bad.write_text(json.dumps({"method": "M"}))
     with pytest.raises(ValueError, match=r"metrics.json: missing field 'accuracy'"):
         collect(tmp_path)
+
+
+def test_one_table_is_one_benchmark(tmp_path):
+    write_metrics(tmp_path / "s0" / "ta", "TA", {"a": 0.5}, seed=0, benchmark="mini-default-aaaa")
+    write_metrics(tmp_path / "old" / "ta", "TA", {"a": 0.9}, seed=0, benchmark="mini-default-bbbb")
+    with pytest.raises(ValueError, match=r"2 benchmarks \(mini-default-aaaa, mini-default-bbbb\).*--benchmark"):
+        render_table(collect(tmp_path))
+    table = main([str(tmp_path), "--benchmark", "mini-default-aaaa"])
+    assert "| TA | 50.0 | 50.0 |" in table

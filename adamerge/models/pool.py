@@ -59,6 +59,7 @@ class ModelPool:
         heads: Mapping[str, Tensor],
         logit_scale: float = 100.0,
         name: str = "pool",
+        benchmark: str | None = None,
     ) -> None:
         if len(experts) == 0:
             raise ValueError("empty expert list: a model pool needs at least one expert")
@@ -70,6 +71,8 @@ class ModelPool:
         self.heads = {t: heads[t].detach() for t in experts}
         self.logit_scale = float(logit_scale)
         self.name = name
+        # What results tables group by: the same for every seed of one benchmark (default: the name).
+        self.benchmark_id = benchmark or name
         self._pretrained = {k: v.detach() for k, v in encoder.state_dict().items()}
 
     # ---- tasks ---------------------------------------------------------------------------

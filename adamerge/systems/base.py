@@ -125,6 +125,7 @@ class TestTimeSystem(L.LightningModule):
         )
         self._eval_tasks = list(self.tasks)
         self.last_metrics: dict[str, float] = {}
+        self.last_metrics_step: int | None = None  # global step of the validation behind last_metrics
 
     # ---- heads -----------------------------------------------------------------------------
     def head(self, task: str) -> Tensor:
@@ -248,6 +249,7 @@ class TestTimeSystem(L.LightningModule):
         values = self._eval_epoch_end(self.val_acc, "val")
         if values and not self.trainer.sanity_checking:
             self.last_metrics.update(values)
+            self.last_metrics_step = int(self.trainer.global_step)
 
     def on_test_epoch_end(self) -> None:
         self.last_metrics.update(self._eval_epoch_end(self.test_acc, "test"))
@@ -308,14 +310,19 @@ class TestTimeSystem(L.LightningModule):
     def write_metrics(self, directory: Path) -> Path | None:
         """``directory/metrics.json`` in :mod:`adamerge.results`' format, from the last validation.
 
-        The seed is Lightning's global seed (``seed_everything``); the benchmark is the pool's name.
+        The seed is Lightning's global seed (``seed_everything``); the benchmark is the pool's ``benchmark_id``.
         Nothing is written when no validation ran (``limit_val_batches=0``).
         """
         accuracy = {t: self.last_metrics[f"val/acc/{t}"] for t in self.tasks if f"val/acc/{t}" in self.last_metrics}
         if not accuracy:
             warnings.warn(f"{type(self).__name__}: no validation ran, so no metrics.json in {directory}", stacklevel=2)
             return None
+        step = int(self.trainer.global_step)
+        if self.last_metrics_step != step:
+            warnings.warn(f"{type(self).__name__}: the last validation ran at step {self.last_metrics_step}, the "
+                          f"exported model is from step {step}; metrics.json records the former (make max_steps a "
+                          "multiple of the validation interval)", stacklevel=2)
         seed = os.environ.get("PL_GLOBAL_SEED")
         return write_metrics(directory, self.method_label, accuracy, seed=int(seed) if seed is not None else None,
-                             benchmark=self.pool.name, split=getattr(self.trainer.datamodule, "eval_split", "test"),
-                             steps=int(self.trainer.global_step), logged=dict(self.last_metrics))
+                             benchmark=self.pool.benchmark_id, split=getattr(self.trainer.datamodule, "eval_split", "test"),
+                             steps=step, evaluated_at_step=self.last_metrics_step, logged=dict(self.last_metrics))

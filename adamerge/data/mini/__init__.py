@@ -55,4 +55,5 @@ class MiniBenchmarkPool(ModelPool):
     def __init__(self, preset: str = "default", seed: int = 0, cache_dir: str | None = None) -> None:
         self.benchmark = MiniBenchmark(preset, seed, cache_dir).build()
         p = self.benchmark.pool()
-        super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name)
+        super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name,
+                         benchmark=p.benchmark_id)

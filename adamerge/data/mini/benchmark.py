@@ -62,24 +62,41 @@ class MiniBenchmark:
         self.root = cache_root(cache_dir)
         self._data: MiniData | None = None
         self._key: str | None = None
+        self._design_payload: dict | None = None
         self.manifest: dict | None = None
 
     # ---- identity & paths ----------------------------------------------------------------
     @property
     def key(self) -> str:
         if self._key is None:
-            payload = {"format": BUILD_FORMAT, "preset": self.preset, "seed": self.seed,
-                       "config": self.config.to_dict(), "sources": source_fingerprint()}
-            self._key = config_hash(payload)
+            self._key = config_hash({**self._design(), "seed": self.seed})
         return self._key
+
+    def _design(self) -> dict:
+        """What defines the benchmark apart from the model seed: build format, config and sources.
+
+        Not the preset's name: two presets with one config share their builds.
+        """
+        if self._design_payload is None:
+            self._design_payload = {"format": BUILD_FORMAT, "config": self.config.to_dict(),
+                                    "sources": source_fingerprint()}
+        return self._design_payload
+
+    @property
+    def benchmark_id(self) -> str:
+        """``mini-<preset>-<hash>``: names the benchmark's design, the same for every model seed.
+
+        Results records carry it, so a table never mixes numbers from different builds' designs.
+        """
+        return f"mini-{self.preset}-{config_hash(self._design())[:8]}"
 
     @property
     def model_name(self) -> str:
-        return f"adamerge-mini-{self.preset}-{self.key[:8]}"
+        return f"adamerge-mini-{self.key[:8]}"
 
     @property
     def entry(self) -> Path:
-        return self.root / "mini" / f"{self.preset}-seed{self.seed}-{self.key[:12]}"
+        return self.root / "mini" / f"seed{self.seed}-{self.key[:12]}"
 
     @property
     def tasks(self) -> list[str]:
@@ -191,4 +208,4 @@ class MiniBenchmark:
         clip = self.clip_model()
         experts = {t: partial(load_file, str(path)) for t, path in self.paths["experts"].items()}
         return ModelPool(clip.visual, experts, self._heads(clip), logit_scale=float(clip.logit_scale.detach().exp()),
-                         name=self.model_name)
+                         name=self.model_name, benchmark=self.benchmark_id)

@@ -1,6 +1,6 @@
 """Where builds live and how a cache entry is checked: a manifest with the sha256 of every file.
 
-Layout of an entry ``<root>/mini/<preset>-seed<seed>-<key12>/``::
+Layout of an entry ``<root>/mini/seed<seed>-<key12>/`` (the key hashes config, sources and seed)::
 
     manifest.json            config, source hashes, sha256 of every file, metrics, build time
     <model_name>.json        the open_clip model config (``open_clip.add_model_config``)
