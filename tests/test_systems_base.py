@@ -180,3 +180,16 @@ def test_fit_end_exports_learned_parameters_and_metrics(tmp_path):
     assert metrics["avg"] == pytest.approx(logged["val/acc/avg"]) and metrics["method"] == "ScaledProbe"
     learned = load_file(out / "learned.safetensors")
     torch.testing.assert_close(learned["temperature"], system.temperature.detach())
+
+
+def test_metrics_say_which_step_they_were_measured_at(tmp_path):
+    pool = make_tiny_pool()
+    out = tmp_path / "export"
+    dm = TestTimeDataModule(TinySource(n=8), batch_size=4, steps_per_epoch=2)
+    trainer(tmp_path, max_steps=2).fit(ScaledProbe(pool, export_dir=str(out)), dm)
+    assert json.loads((out / "metrics.json").read_text())["evaluated_at_step"] == 2
+    # 3 steps with validation every 2: the export is step 3's, the metrics step 2's, and it says so
+    with pytest.warns(UserWarning, match="last validation ran at step 2, the exported model is from step 3"):
+        trainer(tmp_path, max_steps=3).fit(ScaledProbe(pool, export_dir=str(out)), dm)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["evaluated_at_step"] == 2
