@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "update_readme", "publish", "main"]
+__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "render_regime", "update_readme", "publish",
+           "main"]
 
 METRICS_FILE = "metrics.json"
 # Rows of known methods come in this order (the papers' tables); other methods follow, first seen first.
@@ -162,6 +163,37 @@ def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | No
     return "\n".join(lines)
 
 
+def _mean_avg(records: Sequence[Mapping[str, Any]], method: str) -> float | None:
+    avgs = [100.0 * float(r["avg"]) for r in records if r["method"] == method]
+    return statistics.mean(avgs) if avgs else None
+
+
+def render_regime(records: Sequence[Mapping[str, Any]]) -> str:
+    """The papers' regime checks on the seed-mean averages, as markdown lines ("" without the rows).
+
+    Zero-shot ≥ 20 points below the experts; task arithmetic (λ on val) ≥ zero-shot + 5 and ≥ 8
+    below the experts; layer-wise AdaMerging above task arithmetic; and the share of the zero-shot →
+    expert gap each method closes (papers, ViT-B/32: ~50 % for task arithmetic, ~75 % for AdaMerging).
+    """
+    zs, ex = _mean_avg(records, "Zero-shot"), _mean_avg(records, "Individual experts")
+    ta, am = _mean_avg(records, "Task arithmetic (λ on val)"), _mean_avg(records, "AdaMerging (layer-wise)")
+    if zs is None or ex is None or ta is None:
+        return ""
+    checks = [(f"zero-shot {ex - zs:.1f} points below the experts (≥ 20)", ex - zs >= 20),
+              (f"task arithmetic (λ on val) {ta - zs:+.1f} over zero-shot (≥ +5)", ta - zs >= 5),
+              (f"task arithmetic (λ on val) {ex - ta:.1f} below the experts (≥ 8)", ex - ta >= 8)]
+    if am is not None:
+        checks.append((f"layer-wise AdaMerging {am - ta:+.1f} over task arithmetic (> 0)", am > ta))
+    gap = ex - zs
+    shares = [f"task arithmetic {100 * (ta - zs) / gap:.0f} %"] if gap > 0 else []
+    if am is not None and gap > 0:
+        shares.append(f"layer-wise AdaMerging {100 * (am - zs) / gap:.0f} %")
+    lines = ["Regime checks (seed means): " + "; ".join(f"{'✔' if ok else '✘'} {text}" for text, ok in checks) + "."]
+    if shares:
+        lines.append("Share of the zero-shot → expert gap closed: " + ", ".join(shares) + ".")
+    return "\n".join(lines)
+
+
 def update_readme(readme: str | os.PathLike, table: str) -> None:
     """Replace the text between the results markers of ``readme`` with ``table`` (atomically)."""
     readme = Path(readme)
@@ -175,7 +207,11 @@ def update_readme(readme: str | os.PathLike, table: str) -> None:
 
 def publish(runs: str | os.PathLike, readme: str | os.PathLike | None = None, benchmark: str | None = None) -> str:
     """Collect the records under ``runs``, print the table, and write it into ``readme`` if given."""
-    table = render_table(collect(runs, benchmark))
+    records = collect(runs, benchmark)
+    table = render_table(records)
+    regime = render_regime(records)
+    if regime:
+        table = f"{table}\n\n{regime}"
     if readme:
         update_readme(readme, table)
     print(table)

@@ -3,7 +3,15 @@ import statistics
 
 import pytest
 
-from adamerge.results import collect, main, read_metrics, render_table, update_readme, write_metrics
+from adamerge.results import (
+    collect,
+    main,
+    read_metrics,
+    render_regime,
+    render_table,
+    update_readme,
+    write_metrics,
+)
 
 
 def test_write_read_and_table_mean_sd(tmp_path):
@@ -59,3 +67,19 @@ def test_one_table_is_one_benchmark(tmp_path):
         render_table(collect(tmp_path))
     table = main([str(tmp_path), "--benchmark", "mini-default-aaaa"])
     assert "| TA | 50.0 | 50.0 |" in table
+
+
+def test_regime_checks_from_seed_means(tmp_path):
+    rows = {"Zero-shot": (0.60, 0.64), "Individual experts": (0.88, 0.88), "Task arithmetic (λ on val)": (0.75, 0.77),
+            "AdaMerging (layer-wise)": (0.74, 0.77)}
+    for method, avgs in rows.items():
+        for seed, a in enumerate(avgs):
+            write_metrics(tmp_path / f"s{seed}" / method[:5], method, {"a": a}, seed=seed)
+    text = main([str(tmp_path)])
+    # zs 62, experts 88, TA 76, AM 75.5: gap 26 ✔, TA +14 ✔, 12 below ✔, AdaMerging -0.5 ✘
+    assert "✔ zero-shot 26.0 points below the experts" in text
+    assert "✔ task arithmetic (λ on val) +14.0 over zero-shot" in text
+    assert "✔ task arithmetic (λ on val) 12.0 below the experts" in text
+    assert "✘ layer-wise AdaMerging -0.5 over task arithmetic" in text
+    assert f"task arithmetic {100 * 14 / 26:.0f} %, layer-wise AdaMerging {100 * 13.5 / 26:.0f} %" in text
+    assert render_regime(collect(tmp_path / "s0")[:1]) == ""  # no zero-shot/experts/TA rows: no checks
