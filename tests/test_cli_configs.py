@@ -38,8 +38,8 @@ def _fit_two_steps(args: list[str], tmp_path: Path):
 
 def _mini_overrides(cache: Path) -> list[str]:
     return [
-        f"--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
-        f"--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
+        "--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
+        "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
     ]
 
 

@@ -22,7 +22,6 @@ from adamerge.components.surgery import (
 )
 from adamerge.merging.task_vectors import add_task_vector, sum_task_vectors
 
-
 RANK = 4
 
 

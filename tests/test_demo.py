@@ -35,7 +35,7 @@ def test_demo_runs_every_method_and_tabulates_its_records(mini_tiny_cache, tmp_p
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert {r.split("|")[1].strip() for r in rows} == set(records)
     zs = records["Zero-shot"]
-    assert f"| Zero-shot | " + " | ".join(f"{100 * zs['accuracy'][t]:.1f}" for t in bench.tasks) in table
+    assert "| Zero-shot | " + " | ".join(f"{100 * zs['accuracy'][t]:.1f}" for t in bench.tasks) in table
     assert table in readme.read_text()
     # --skip-done re-runs nothing: the records are left as they are
     before = {p: p.read_text() for p in out.rglob("metrics.json")}

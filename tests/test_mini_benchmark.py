@@ -12,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from adamerge.data.mini import (TASK_NAMES, MiniBenchmark, MiniBenchmarkPool, MiniBenchmarkSource,
-                                MissingSourceError)
+from adamerge.data.mini import (
+    TASK_NAMES,
+    MiniBenchmark,
+    MiniBenchmarkPool,
+    MiniBenchmarkSource,
+    MissingSourceError,
+)
 from adamerge.data.mini import build as mini_build
 from adamerge.data.mini.cache import sha256_file, verify_entry
 from adamerge.data.registry import check_tasks, get_task

@@ -2,7 +2,14 @@ import pytest
 import torch
 
 from adamerge.merging.task_vectors import (
-    MergeError, add_task_vector, check_compatible, check_finite, flatten, linear_combination, task_vector, unflatten,
+    MergeError,
+    add_task_vector,
+    check_compatible,
+    check_finite,
+    flatten,
+    linear_combination,
+    task_vector,
+    unflatten,
 )
 
 
