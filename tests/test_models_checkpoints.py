@@ -53,6 +53,20 @@ def _assert_same_outputs(state, source_clip):
     torch.testing.assert_close(target(_images()), source_clip.visual(_images()), rtol=0, atol=0)
 
 
+def hf_resblock(sd: dict, r: str, h: str, out: dict) -> None:
+    """One open_clip residual block (keys under ``r``) → HF CLIP encoder-layer keys under ``h``, into ``out``."""
+    for kind in ("weight", "bias"):
+        q, k, v = sd[r + f"attn.in_proj_{kind}"].chunk(3)
+        out[h + f"self_attn.q_proj.{kind}"] = q.clone()
+        out[h + f"self_attn.k_proj.{kind}"] = k.clone()
+        out[h + f"self_attn.v_proj.{kind}"] = v.clone()
+        out[h + f"self_attn.out_proj.{kind}"] = sd[r + f"attn.out_proj.{kind}"]
+        out[h + f"layer_norm1.{kind}"] = sd[r + f"ln_1.{kind}"]
+        out[h + f"layer_norm2.{kind}"] = sd[r + f"ln_2.{kind}"]
+        out[h + f"mlp.fc1.{kind}"] = sd[r + f"mlp.c_fc.{kind}"]
+        out[h + f"mlp.fc2.{kind}"] = sd[r + f"mlp.c_proj.{kind}"]
+
+
 def to_hf(visual: dict, projection: bool = True) -> dict:
     """open_clip visual keys → HF CLIPVisionModel keys (the inverse mapping, written independently)."""
     out = {
@@ -67,17 +81,7 @@ def to_hf(visual: dict, projection: bool = True) -> dict:
     }
     n_layers = len({k.split(".")[2] for k in visual if k.startswith("transformer.resblocks.")})
     for i in range(n_layers):
-        r, h = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            q, k, v = visual[r + f"attn.in_proj_{kind}"].chunk(3)
-            out[h + f"self_attn.q_proj.{kind}"] = q.clone()
-            out[h + f"self_attn.k_proj.{kind}"] = k.clone()
-            out[h + f"self_attn.v_proj.{kind}"] = v.clone()
-            out[h + f"self_attn.out_proj.{kind}"] = visual[r + f"attn.out_proj.{kind}"]
-            out[h + f"layer_norm1.{kind}"] = visual[r + f"ln_1.{kind}"]
-            out[h + f"layer_norm2.{kind}"] = visual[r + f"ln_2.{kind}"]
-            out[h + f"mlp.fc1.{kind}"] = visual[r + f"mlp.c_fc.{kind}"]
-            out[h + f"mlp.fc2.{kind}"] = visual[r + f"mlp.c_proj.{kind}"]
+        hf_resblock(visual, f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}.", out)
     if projection:
         out["visual_projection.weight"] = visual["proj"].t().contiguous()
     return out

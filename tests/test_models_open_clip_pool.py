@@ -299,7 +299,7 @@ def test_streamed_experts_are_not_kept(setup, monkeypatch):
 
 def _to_hf_clip_model(clip) -> dict:
     """A whole open_clip CLIP → HF CLIPModel keys (inverse mapping, written out independently)."""
-    from test_models_checkpoints import to_hf
+    from test_models_checkpoints import hf_resblock, to_hf
 
     sd = clip.state_dict()
     out = to_hf({k.removeprefix("visual."): v for k, v in sd.items() if k.startswith("visual.")})
@@ -312,15 +312,7 @@ def _to_hf_clip_model(clip) -> dict:
         "logit_scale": sd["logit_scale"],
     })
     for i in range(TINY_TEXT["layers"]):
-        r, h = f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}."
-        for kind in ("weight", "bias"):
-            for name, part in zip("qkv", sd[r + f"attn.in_proj_{kind}"].chunk(3)):
-                out[h + f"self_attn.{name}_proj.{kind}"] = part.contiguous()
-            out[h + f"self_attn.out_proj.{kind}"] = sd[r + f"attn.out_proj.{kind}"]
-            out[h + f"layer_norm1.{kind}"] = sd[r + f"ln_1.{kind}"]
-            out[h + f"layer_norm2.{kind}"] = sd[r + f"ln_2.{kind}"]
-            out[h + f"mlp.fc1.{kind}"] = sd[r + f"mlp.c_fc.{kind}"]
-            out[h + f"mlp.fc2.{kind}"] = sd[r + f"mlp.c_proj.{kind}"]
+        hf_resblock(sd, f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.", out)
     return out
 
 
