@@ -18,13 +18,22 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_metrics", "read_metrics", "collect", "render_table", "render_regime", "update_readme", "publish",
-           "main"]
+from adamerge.files import write_text
+
+__all__ = [
+    "collect",
+    "main",
+    "publish",
+    "read_metrics",
+    "render_regime",
+    "render_table",
+    "update_readme",
+    "write_metrics",
+]
 
 METRICS_FILE = "metrics.json"
 # Rows of known methods come in this order (the papers' tables); other methods follow, first seen first.
@@ -35,18 +44,6 @@ METHOD_ORDER = (
     "SurgeryV2 on AdaMerging", "E-WEMoE", "WEMoE", "Individual experts",
 )
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_metrics(
@@ -85,7 +82,7 @@ def write_metrics(
         **extra,
     }
     path = Path(run_dir) / METRICS_FILE
-    _atomic_write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(record, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -202,7 +199,7 @@ def update_readme(readme: str | os.PathLike, table: str) -> None:
         raise ValueError(f"{readme}: no {START} / {END} markers to put the table between")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    _atomic_write_text(readme, f"{head}{START}\n{table}\n{END}{tail}")
+    write_text(readme, f"{head}{START}\n{table}\n{END}{tail}")
 
 
 def publish(runs: str | os.PathLike, readme: str | os.PathLike | None = None, benchmark: str | None = None) -> str:

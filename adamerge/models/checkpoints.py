@@ -24,15 +24,13 @@ folder, then ``os.replace``; a failure leaves no file behind and never half a fi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-import tempfile
 import types
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -40,13 +38,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from adamerge.files import atomic_path
 from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite
 from adamerge.models.hf_clip import HFConversionError, convert_hf_vision_state, hf_vision_config, is_hf_state
 
 __all__ = [
     "CheckpointError",
     "PickledCheckpointError",
-    "atomic_path",
     "check_finite",
     "load_visual_state",
     "read_state_dict",
@@ -272,31 +270,6 @@ def load_visual_state(
 
 
 # ---- writing ---------------------------------------------------------------------------------------
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _standalone(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """CPU tensors that each own their storage (safetensors refuses shared or partial storage);
     only the tensors that need it are copied."""
