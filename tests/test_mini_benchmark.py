@@ -75,8 +75,8 @@ def test_manifest_lists_hashes_and_metrics(built):
     assert m["preset"] == "tiny" and m["seed"] == 0 and m["key"] == built.key
     expected = {built.paths["pretrained"], built.paths["model_config"], *built.paths["experts"].values()}
     assert {built.entry / f for f in m["files"]} == expected
-    for f, digest in m["files"].items():
-        assert hashlib.sha256((built.entry / f).read_bytes()).hexdigest() == digest
+    for f, info in m["files"].items():
+        assert hashlib.sha256((built.entry / f).read_bytes()).hexdigest() == info["sha256"]
     for kind in ("zero_shot", "expert"):
         assert set(m["metrics"][kind]) == set(TASK_NAMES)
         assert all(0 <= v <= 100 for v in m["metrics"][kind].values())
@@ -115,7 +115,7 @@ def test_corrupt_expert_is_detected_and_rebuilt_deterministically(built, tmp_pat
         b.build()
     assert mini_build.TRAINING_RUNS["pretrain"] == runs + 1
     # the same seed rebuilds bit-identical files
-    assert sha256_file(f) == built.manifest["files"]["experts/mini_digits.safetensors"]
+    assert sha256_file(f) == built.manifest["files"]["experts/mini_digits.safetensors"]["sha256"]
 
 
 def test_manifest_of_other_config_and_missing_file_are_rebuilt(built, tmp_path):

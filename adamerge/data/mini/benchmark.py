@@ -3,30 +3,43 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
-import shutil
-import tempfile
 import time
 import warnings
-from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import open_clip
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset, TensorDataset
 
 from adamerge.data.mini import build as _build
-from adamerge.data.mini.cache import MANIFEST, cache_root, verify_entry, write_manifest
+from adamerge.data.mini.cache import (
+    MANIFEST,
+    CheckedSafetensors,
+    cache_root,
+    check_file,
+    entry_lock,
+    file_digest,
+    verify_entry,
+)
 from adamerge.data.mini.data import MiniData, assemble
-from adamerge.data.mini.model import config_hash, create_clip, get_preset, model_config, tokenizer, zero_shot_head
+from adamerge.data.mini.model import (
+    config_hash,
+    create_clip,
+    get_preset,
+    model_config,
+    tokenizer,
+    zero_shot_head,
+)
 from adamerge.data.mini.sources import source_fingerprint
 from adamerge.data.mini.tasks import NORM_MEAN, NORM_STD, TASK_NAMES, get_mini_task
 from adamerge.data.source import check_split
+from adamerge.files import atomic_dir, sweep_temporaries
 from adamerge.models.pool import ModelPool
 
-__all__ = ["MiniBenchmark", "LabeledTensors"]
+__all__ = ["LabeledTensors", "MiniBenchmark"]
 
 BUILD_FORMAT = 1  # bump when the build code changes what it produces
 
@@ -116,60 +129,74 @@ class MiniBenchmark:
 
     # ---- build / load --------------------------------------------------------------------
     def build(self) -> MiniBenchmark:
-        """Load the cache entry if its manifest and hashes match, else (or with rebuild) build it."""
+        """Load the cache entry if its manifest and hashes match, else (or with rebuild) build it.
+
+        Checking and building hold the entry's file lock: of several processes asking at once, one
+        builds and the others wait, then load what it built.
+        """
         if self.manifest is not None and not self.rebuild:
             return self
-        manifest, why = verify_entry(self.entry, self.key, list(self._files().values()))
-        if manifest is not None and not self.rebuild:
-            self.manifest = manifest
-            return self
-        if self.entry.exists() and manifest is None:
-            warnings.warn(f"mini benchmark cache entry {self.entry} is invalid ({why}); rebuilding it",
-                          stacklevel=2)
-        self.manifest = self._build_entry()
+        with entry_lock(self.entry):
+            manifest, why = verify_entry(self.entry, self.key, list(self._files().values()))
+            if manifest is None or self.rebuild:
+                if self.entry.exists() and manifest is None:
+                    warnings.warn(f"mini benchmark cache entry {self.entry} is invalid ({why}); rebuilding it",
+                                  stacklevel=2)
+                sweep_temporaries(self.entry.parent)
+                manifest = self._build_entry()
+        self.manifest = manifest
         self.rebuild = False
         return self
 
     def _build_entry(self) -> dict:
+        """Train everything, then write the entry as one set (``atomic_dir``); returns its manifest."""
         t0, c0 = time.time(), _cpu_seconds()
         cfg, data = self.config, self.data
         clip = create_clip(cfg, self.seed)
         pre_stats = _build.pretrain_clip(clip, data, cfg, self.seed, self.progress)
         heads = self._heads(clip)
         scale = float(clip.logit_scale.detach().exp())
-        self.entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=self.entry.name + ".tmp-", dir=self.entry.parent))
-        try:
+        experts, metrics = self._train_experts(clip, heads, scale)
+        fields = {
+            "key": self.key, "format": BUILD_FORMAT, "preset": self.preset, "seed": self.seed,
+            "model_name": self.model_name, "config": cfg.to_dict(), "sources": source_fingerprint(),
+            "logit_scale": scale, "pretraining": pre_stats, "metrics": metrics,
+            "build_seconds": time.time() - t0, "build_cpu_seconds": _cpu_seconds() - c0,
+            "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        files = self._files()
+        with atomic_dir(self.entry, manifest=fields) as tmp:
             (tmp / "experts").mkdir()
-            files = self._files()
             (tmp / files["model_config"]).write_text(json.dumps(model_config(cfg), indent=2))
             save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp / files["pretrained"])
-            metrics = {"zero_shot": {}, "expert": {}}
-            for i, t in enumerate(self.tasks):
-                (xtr, ytr), (xte, yte) = data.splits[t]["train"], data.splits[t]["test"]
-                metrics["zero_shot"][t] = _build.accuracy(clip.visual, heads[t], scale, xte, yte)
-                state = _build.finetune_expert(clip.visual, heads[t], scale, xtr, ytr, cfg,
-                                               seed=self.seed * 1000 + i + 1, desc=t, progress=self.progress)
+            for t, state in experts.items():
                 save_file(state, tmp / files[t])
-                metrics["expert"][t] = _build.accuracy(clip.visual, heads[t], scale, xte, yte, state=state)
-            for kind in ("zero_shot", "expert"):
-                metrics[f"{kind}_avg"] = sum(metrics[kind].values()) / len(self.tasks)
-            manifest = {
-                "key": self.key, "format": BUILD_FORMAT, "preset": self.preset, "seed": self.seed,
-                "model_name": self.model_name, "config": cfg.to_dict(), "sources": source_fingerprint(),
-                "logit_scale": scale, "pretraining": pre_stats, "metrics": metrics,
-                "build_seconds": time.time() - t0, "build_cpu_seconds": _cpu_seconds() - c0,
-                "torch": torch.__version__, "open_clip": open_clip.__version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-            manifest = write_manifest(tmp, manifest, list(files.values()))
-            if self.entry.exists():
-                shutil.rmtree(self.entry)
-            os.replace(tmp, self.entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return manifest
+        return json.loads((self.entry / MANIFEST).read_text())
+
+    def _train_experts(self, clip: open_clip.CLIP, heads: dict, scale: float) -> tuple[dict, dict]:
+        """One fine-tuned vision state dict per task, and the zero-shot / expert test accuracies."""
+        data, experts, metrics = self.data, {}, {"zero_shot": {}, "expert": {}}
+        for i, t in enumerate(self.tasks):
+            (xtr, ytr), (xte, yte) = data.splits[t]["train"], data.splits[t]["test"]
+            metrics["zero_shot"][t] = _build.accuracy(clip.visual, heads[t], scale, xte, yte)
+            experts[t] = _build.finetune_expert(clip.visual, heads[t], scale, xtr, ytr, self.config,
+                                                seed=self.seed * 1000 + i + 1, desc=t, progress=self.progress)
+            metrics["expert"][t] = _build.accuracy(clip.visual, heads[t], scale, xte, yte, state=experts[t])
+        for kind in ("zero_shot", "expert"):
+            metrics[f"{kind}_avg"] = sum(metrics[kind].values()) / len(self.tasks)
+        return experts, metrics
+
+    def _checked(self, name: str) -> Path:
+        """The entry's file ``name`` (a key of ``_files()``), checked against the manifest's sha256."""
+        rel = self._files()[name]
+        return check_file(self.entry / rel, file_digest(self.build().manifest, rel), self.rebuild_hint)
+
+    @property
+    def rebuild_hint(self) -> str:
+        """What a load error tells the user to run when a file of the entry changed."""
+        return (f"rebuild it with `python -m adamerge.data.mini --preset {self.preset} --seed {self.seed} "
+                f"--cache-dir {self.root} --rebuild`")
 
     # ---- data ----------------------------------------------------------------------------
     @property
@@ -188,15 +215,13 @@ class MiniBenchmark:
         x, y = self.data.splits[self._check_task(task)][check_split(split)]
         return LabeledTensors(x, y)
 
-    normalization = {"mean": NORM_MEAN, "std": NORM_STD}
+    normalization: ClassVar[dict] = {"mean": NORM_MEAN, "std": NORM_STD}
 
     # ---- models --------------------------------------------------------------------------
     def clip_model(self) -> open_clip.CLIP:
         """The full pretrained CLIP, loaded through open_clip from the saved config and weights."""
-        self.build()
-        p = self.paths
-        open_clip.add_model_config(p["model_config"])
-        return open_clip.create_model(self.model_name, pretrained=str(p["pretrained"])).eval()
+        open_clip.add_model_config(self._checked("model_config"))
+        return open_clip.create_model(self.model_name, pretrained=str(self._checked("pretrained"))).eval()
 
     def _heads(self, clip: open_clip.CLIP) -> dict[str, torch.Tensor]:
         tok = tokenizer(self.config)
@@ -204,8 +229,11 @@ class MiniBenchmark:
                 for t in self.tasks}
 
     def pool(self) -> ModelPool:
-        """ModelPool: θ0 = the pretrained ``visual``, experts loaded lazily from safetensors, zero-shot heads."""
+        """ModelPool: θ0 = the pretrained ``visual``, zero-shot heads, and experts loaded lazily from
+        safetensors, each checked against the manifest's sha256 on every load (:class:`CheckedSafetensors`)."""
         clip = self.clip_model()
-        experts = {t: partial(load_file, str(path)) for t, path in self.paths["experts"].items()}
+        files = self._files()
+        experts = {t: CheckedSafetensors(path, file_digest(self.manifest, files[t]), self.rebuild_hint)
+                   for t, path in self.paths["experts"].items()}
         return ModelPool(clip.visual, experts, self._heads(clip), logit_scale=float(clip.logit_scale.detach().exp()),
                          name=self.model_name, benchmark=self.benchmark_id)
