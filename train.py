@@ -1,5 +1,5 @@
 """adamerge training entry point: `python train.py fit --config configs/...yaml`."""
-from adamerge.cli import main
+from adamerge.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

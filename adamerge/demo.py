@@ -106,7 +106,8 @@ def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Cal
                 f"--model.init_args.pool.init_args.preset={preset}", f"--model.init_args.pool.init_args.seed={seed}",
                 f"--data.init_args.source.init_args.preset={preset}", f"--data.init_args.source.init_args.seed={seed}",
                 f"--model.init_args.export_dir={out / folder}",
-                f"--trainer.default_root_dir={out / folder}", "--trainer.logger=false", *extra]
+                f"--trainer.default_root_dir={out / 'trainer' / folder}", "--trainer.logger=false",
+                "--overwrite=true", *extra]  # the demo regenerates its own records
         if folder.endswith("_adamerging"):
             merged = out / "adamerging_layer" / "merged.safetensors"
             if not merged.exists():

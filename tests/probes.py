@@ -30,3 +30,42 @@ class KillAtStep(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os._exit(137)
+
+
+class KillInExport(L.Callback):
+    """Dies half way through the export: after the model files, before metrics.json (a SIGKILL, no clean-up)."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import signal
+
+        def die(directory):
+            assert any(Path(directory).iterdir()), "expected export files written before the kill"
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        pl_module.write_metrics = die
+
+
+class KillInCheckpointSave(L.Callback):
+    """The ``call``-th ``torch.save`` writes half its bytes and the process is SIGKILLed (a crash mid-checkpoint)."""
+
+    def __init__(self, call: int) -> None:
+        self.call = call
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import io
+        import signal
+
+        original, count = torch.save, [0]
+
+        def save(obj, f, *args, **kwargs):
+            count[0] += 1
+            if count[0] == self.call:
+                buf = io.BytesIO()
+                original(obj, buf)
+                with open(f, "wb") as out:
+                    out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    out.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(obj, f, *args, **kwargs)
+
+        torch.save = save

@@ -9,7 +9,7 @@ from adamerge.merging import MergeError, dare_all, ties_elect_sign, ties_merge, 
 
 
 def _tau(w, b):
-    return {"w": torch.tensor(w).reshape(2, 3), "b": torch.tensor(b)}
+    return {"w": torch.tensor(w, dtype=torch.float32).reshape(2, 3), "b": torch.tensor(b, dtype=torch.float32)}
 
 
 # keep = 0.5 of d = 8 entries -> the 4 largest magnitudes of each task vector, over both keys.

@@ -92,16 +92,17 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     path = tmp_path / "ckpt" / "last.ckpt"
     state = torch.load(path, weights_only=False)
     assert list(state["state_dict"]) == ["model.lambdas"]
-    assert state["hyper_parameters"]["granularity"] == "layer"
+    assert "hyper_parameters" not in state  # state, never configuration
+    assert state["adamerge"]["method"] == {"granularity": "layer", "clamp": True, "ties_keep": None}
     assert path.stat().st_size < 20_000
     restored = AdaMerging.load_from_checkpoint(path, pool=pool)
     torch.testing.assert_close(restored.model.lambdas, system.model.lambdas)
     other = soft_pool(name="other-pool")
-    with pytest.raises(CheckpointMismatchError, match="pool 'tiny'.*'other-pool'"):
+    with pytest.raises(CheckpointMismatchError, match="pool = 'tiny', this run has 'other-pool'"):
         AdaMerging.load_from_checkpoint(path, pool=other)
     with pytest.raises(CheckpointMismatchError, match="tasks"):
         AdaMerging.load_from_checkpoint(path, pool=pool, tasks=["task0", "task1"])
-    with pytest.raises(RuntimeError, match="size mismatch"):  # task-wise cannot take layer-wise λ
+    with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
         AdaMerging.load_from_checkpoint(path, pool=pool, granularity="task")
 
 

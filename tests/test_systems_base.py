@@ -16,6 +16,7 @@ from torch import nn
 
 from adamerge.components.losses import entropy
 from adamerge.data.datamodule import TestTimeDataModule
+from adamerge.merging.task_vectors import state_fingerprint
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
 
@@ -138,12 +139,20 @@ def test_checkpoint_holds_only_learnable_parameters_and_metadata(tmp_path):
     path = fit_with_checkpoint(tmp_path, system)
     ckpt = torch.load(path, weights_only=False)
     assert list(ckpt["state_dict"]) == ["temperature"]
-    assert ckpt["adamerge"] == {
+    meta = ckpt["adamerge"]
+    assert {k: meta[k] for k in ("system", "pool", "tasks", "num_classes", "method")} == {
         "system": "ScaledProbe",
         "pool": "tiny",
         "tasks": pool.tasks,
         "num_classes": {"task0": 3, "task1": 4, "task2": 5},
+        "method": {},
     }
+    assert meta["run_id"] == system.run_id
+    # content fingerprints: θ0 and one per expert, all distinct, recomputed from the tensors
+    assert meta["pretrained"] == state_fingerprint(pool.pretrained_state())
+    assert meta["experts"] == {t: state_fingerprint(pool.expert_state(t)) for t in pool.tasks}
+    assert len(set(meta["experts"].values())) == len(pool.tasks)
+    assert "hyper_parameters" not in ckpt  # a checkpoint holds state, never configuration
     assert path.stat().st_size < 20_000  # the frozen encoder (tens of kB here) is not in it
     assert not torch.equal(system.temperature.detach(), torch.ones(3))
     restored = ScaledProbe.load_from_checkpoint(path, pool=pool)
@@ -154,7 +163,7 @@ def test_checkpoint_from_another_pool_or_task_list_is_refused(tmp_path):
     pool = make_tiny_pool()
     path = fit_with_checkpoint(tmp_path, ScaledProbe(pool))
     other = ModelPool(pool.encoder, {t: pool.expert_state(t) for t in pool.tasks}, pool.heads, name="other")
-    with pytest.raises(CheckpointMismatchError, match="pool 'tiny'"):
+    with pytest.raises(CheckpointMismatchError, match="pool = 'tiny', this run has 'other'"):
         ScaledProbe.load_from_checkpoint(path, pool=other)
     # Resuming a fit with a different task list fails before any step.
     system = ScaledProbe(pool, tasks=["task0", "task1"])
@@ -190,6 +199,6 @@ def test_metrics_say_which_step_they_were_measured_at(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["evaluated_at_step"] == 2
     # 3 steps with validation every 2: the export is step 3's, the metrics step 2's, and it says so
     with pytest.warns(UserWarning, match="last validation ran at step 2, the exported model is from step 3"):
-        trainer(tmp_path, max_steps=3).fit(ScaledProbe(pool, export_dir=str(out)), dm)
-    metrics = json.loads((out / "metrics.json").read_text())
+        trainer(tmp_path, max_steps=3).fit(ScaledProbe(pool, export_dir=str(tmp_path / "export3")), dm)
+    metrics = json.loads((tmp_path / "export3" / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["evaluated_at_step"] == 2

@@ -121,9 +121,9 @@ def test_checkpoint_holds_only_aligners_and_refuses_other_shapes(tmp_path):
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(fresh.task_logits("task1", x), system.task_logits("task1", x))
-    with pytest.raises(CheckpointMismatchError, match="surgery version 'v2', this model has 'v1'"):
+    with pytest.raises(CheckpointMismatchError, match="method.version = 'v2', this run has 'v1'"):
         Surgery(pool, version="v1", rank=4).on_load_checkpoint(ckpt)
-    with pytest.raises(CheckpointMismatchError, match="surgery rank 4, this model has 8"):
+    with pytest.raises(CheckpointMismatchError, match="method.rank = 4, this run has 8"):
         Surgery(pool, version="v2", rank=8).on_load_checkpoint(ckpt)
     with pytest.raises(CheckpointMismatchError, match="tasks"):
         Surgery(pool, tasks=["task0", "task1"], version="v2", rank=4).on_load_checkpoint(ckpt)
@@ -221,6 +221,6 @@ def test_resuming_from_a_checkpoint_of_another_version_fails_before_training(tmp
     trainer.save_checkpoint(tmp_path / "v2.ckpt")
     v1 = Surgery(pool, version="v1", rank=4)
     before = {k: v.clone() for k, v in v1.state_dict().items()}
-    with pytest.raises(CheckpointMismatchError, match="surgery version 'v2', this model has 'v1'"):
+    with pytest.raises(CheckpointMismatchError, match="method.version = 'v2', this run has 'v1'"):
         _trainer(tmp_path, steps=4).fit(v1, datamodule=dm, ckpt_path=str(tmp_path / "v2.ckpt"))
     assert all(torch.equal(before[k], v) for k, v in v1.state_dict().items())

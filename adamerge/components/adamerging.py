@@ -167,6 +167,11 @@ class AdaMergingModel(nn.Module):
             raise ValueError(f"tv_dtype must be one of {sorted(_DTYPES)}, got {tv_dtype!r}")
         if not math.isfinite(init):
             raise ValueError(f"init must be finite, got {init}")
+        if clamp and not 0.0 <= init <= 1.0:
+            raise ValueError(
+                f"init {init} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
+                "would never move; use an init in [0, 1] or clamp: false"
+            )
         check_compatible(encoder.state_dict(), pretrained_state, name="pretrained state dict")
         check_finite(pretrained_state, name="pretrained state dict")
         reference = {k: v for k, v in pretrained_state.items() if is_mergeable(v)}

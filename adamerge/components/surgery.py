@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.models.checkpoints import load_visual_state
+from adamerge.models.checkpoints import CheckpointError, load_visual_state
 from adamerge.models.pool import ModelPool, freeze
 
 __all__ = [
@@ -399,7 +399,10 @@ def merged_encoder(pool: ModelPool, base_merge: str | Mapping[str, Any], tasks: 
         tasks: the tasks whose experts are merged (default: every task of the pool).
     """
     if isinstance(base_merge, (str, os.PathLike)) and _looks_like_path(base_merge):
-        state = load_visual_state(base_merge, reference=pool.pretrained_state())  # validated, visual keys
+        try:
+            state = load_visual_state(base_merge, reference=pool.pretrained_state())  # validated, visual keys
+        except CheckpointError as e:
+            raise CheckpointError(f"base_merge: {e}") from None
         return pool.build_encoder(state)
     if isinstance(base_merge, str):
         method, kwargs = base_merge, {}

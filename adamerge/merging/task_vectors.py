@@ -15,6 +15,7 @@ Every merging method in adamerge is written against these helpers. They share th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -24,17 +25,18 @@ from torch import Tensor
 StateDict = Mapping[str, Tensor]
 
 __all__ = [
-    "StateDict",
     "MergeError",
-    "is_mergeable",
+    "StateDict",
+    "add_task_vector",
     "check_compatible",
     "check_finite",
-    "task_vector",
-    "add_task_vector",
-    "scale",
-    "sum_task_vectors",
-    "linear_combination",
     "flatten",
+    "is_mergeable",
+    "linear_combination",
+    "scale",
+    "state_fingerprint",
+    "sum_task_vectors",
+    "task_vector",
     "unflatten",
 ]
 
@@ -68,6 +70,8 @@ def check_compatible(reference: StateDict, other: StateDict, name: str = "state 
             raise MergeError(
                 f"{name}: shape mismatch at key {key!r}: expected {tuple(ref.shape)}, got {tuple(got.shape)}"
             )
+        if isinstance(got, Tensor) and isinstance(ref, Tensor) and got.is_floating_point() != ref.is_floating_point():
+            raise MergeError(f"{name}: key {key!r} holds {got.dtype} values where the model has {ref.dtype}")
 
 
 def check_finite(state: StateDict, name: str = "state dict") -> None:
@@ -83,6 +87,20 @@ def check_finite(state: StateDict, name: str = "state dict") -> None:
         if not bool(torch.isfinite(t).all()):
             kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise MergeError(f"{name}: key {key!r} contains {kind} values")
+
+
+def state_fingerprint(state: StateDict, samples: int = 64) -> str:
+    """A cheap content hash of a state dict: its keys, shapes and dtypes, and ``samples`` evenly spaced
+    entries of every tensor (two states that differ there, or in any key, shape or dtype, differ)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach()
+        h.update(f"{key}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        flat = t.reshape(-1)
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel())).long()
+            h.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _check_many(states: Sequence[StateDict], what: str) -> None:

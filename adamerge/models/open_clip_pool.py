@@ -176,6 +176,9 @@ class OpenCLIPPool(ModelPool):
         tasks = list(experts) if tasks is None else list(tasks)
         if not tasks:
             raise ValueError("empty task list")
+        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+        if dup is not None:
+            raise ValueError(f"task {dup!r} is listed twice in tasks {tasks}")
         missing = [t for t in tasks if t not in experts]
         if missing:
             raise ValueError(f"task {missing[0]!r} has no expert checkpoint (experts: {sorted(experts)})")

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.merging.task_vectors import MergeError, check_compatible, task_vector
+from adamerge.files import file_fingerprint
+from adamerge.merging.task_vectors import MergeError, check_compatible, state_fingerprint, task_vector
 from adamerge.models.checkpoints import check_finite
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
@@ -74,6 +75,7 @@ class ModelPool:
         # What results tables group by: the same for every seed of one benchmark (default: the name).
         self.benchmark_id = benchmark or name
         self._pretrained = {k: v.detach() for k, v in encoder.state_dict().items()}
+        self._fingerprints: dict | None = None
 
     # ---- tasks ---------------------------------------------------------------------------
     @property
@@ -85,6 +87,9 @@ class ModelPool:
         tasks = list(tasks)
         if not tasks:
             raise ValueError("empty task list")
+        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+        if dup is not None:
+            raise ValueError(f"task {dup!r} is listed twice in {tasks}")
         unknown = [t for t in tasks if t not in self._experts]
         if unknown:
             raise ValueError(f"task {unknown[0]!r} has no expert in the pool (pool tasks: {self.tasks})")
@@ -111,6 +116,22 @@ class ModelPool:
         except MergeError as e:
             raise MergeError(str(e)) from None
         return state
+
+    def fingerprints(self) -> dict:
+        """``{"pretrained": hash, "experts": {task: hash}}``: cheap content hashes that tell whether two
+        pools hold the same weights. A file source (one with a ``path``) is hashed from its file
+        (:func:`adamerge.files.file_fingerprint`, about half a megabyte read per file), an in-memory
+        one from sampled tensor entries. Computed once per pool."""
+        if self._fingerprints is None:
+            experts = {}
+            for task, src in self._experts.items():
+                path = getattr(src, "path", None)
+                if path is not None:
+                    experts[task] = file_fingerprint(path)
+                else:
+                    experts[task] = state_fingerprint(src() if callable(src) else src)
+            self._fingerprints = {"pretrained": state_fingerprint(self._pretrained), "experts": experts}
+        return self._fingerprints
 
     def task_vector(self, task: str) -> dict[str, Tensor]:
         """τ_k = θ_k − θ_0 (float keys only)."""

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from safetensors.torch import save_file
 from torch import Tensor
 from torch.func import functional_call
 
 from adamerge.components.adamerging import AdaMergingModel, Granularity
 from adamerge.components.losses import entropy
+from adamerge.files import write_text
+from adamerge.models.checkpoints import save_state_dict
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import TestTimeSystem, default_optimizer
 
@@ -47,6 +48,8 @@ class AdaMerging(TestTimeSystem):
         optimizer: optimizer for the coefficients (default Adam, lr 1e-3).
         export_dir: if set, the merged model, coefficients and ``metrics.json`` go here after fit.
     """
+
+    identity = ("granularity", "clamp", "ties_keep")
 
     def __init__(
         self,
@@ -158,15 +161,11 @@ class AdaMerging(TestTimeSystem):
         super().export(directory)
         state = self.model.merged_state_dict()
         target = directory / "merged.safetensors"
-        if hasattr(self.pool, "export"):
-            self.pool.export(state, target)
-        else:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-        data = self.coefficients_dict()
-        (directory / "coefficients.json").write_text(json.dumps(data, indent=1))
-        save_file(
-            {"coefficients": self.model.coefficients().detach().cpu().contiguous()},
-            str(directory / "coefficients.safetensors"),
+        self.pool.export(state, target)
+        write_text(directory / "coefficients.json", json.dumps(self.coefficients_dict(), indent=1))
+        save_state_dict(
+            {"coefficients": self.model.coefficients().detach().cpu()},
+            directory / "coefficients.safetensors",
             metadata={"tasks": json.dumps(self.tasks), "layers": json.dumps(self.model.layer_names)},
         )
 

@@ -24,19 +24,27 @@ Contract for subclasses (WEMoE and Surgery are built on it; keep it stable):
   ``learned.safetensors`` (the learnable parameters by name); subclasses extend it.
 * Overriding ``setup``/``on_save_checkpoint``/``on_load_checkpoint``: call ``super()``.
 
+* ``identity`` — names of ``hparams`` that define what the learnable state means (granularity,
+  router layout, ...); a resume whose values differ is refused, naming the field.
+
 Behaviour: ``training_step`` accepts ``{task: images}`` or ``{task: (images, labels)}`` and never
 reads labels; logs ``train/loss/<task>`` and ``train/loss``. ``validation_step``/``test_step``
 take one labeled batch of task ``tasks[dataloader_idx]`` (the datamodule's order) and update one
 torchmetrics ``MulticlassAccuracy`` (plain, micro-averaged) per task, logged at epoch end as
 ``val/acc/<task>`` and ``val/acc/avg`` (``test/…`` likewise). Checkpoints hold only
-``learnable_state_dict()`` plus metadata (pool name, tasks, class counts); resuming from another
-pool or task list fails before training. At the end of ``fit`` rank 0 calls ``export(export_dir)`` and writes ``metrics.json``.
+``learnable_state_dict()`` plus what made them (system, tasks, class counts, ``identity`` values,
+fingerprints of θ_0 and every expert, the run id); a resume that differs in any of them fails before
+the first step, naming the field, and a checkpoint never changes a configuration value
+(:mod:`adamerge.systems.runs`). At the start of ``fit`` an ``export_dir`` holding another run's files is
+refused (unless ``overwrite``); at the end rank 0 writes ``export(dir)`` and ``metrics.json`` into a
+temporary folder swapped in as one set with a ``manifest.json`` of sha256 hashes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,14 +52,24 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from adamerge.components.losses import entropy
+from adamerge.files import atomic_dir, atomic_path, sweep_temporaries
 from adamerge.models.pool import ModelPool, zero_shot_logits
 from adamerge.results import write_metrics
+from adamerge.systems.runs import (
+    AtomicCheckpointIO,
+    CheckpointMismatchError,
+    check_export_dir,
+    check_learnable_state,
+    check_learning_rates,
+    compare_identity,
+)
 
 __all__ = ["CheckpointMismatchError", "TestTimeSystem", "default_optimizer"]
 
@@ -66,10 +84,6 @@ def _quiet_frozen_eval_notice() -> None:
         message=r"Found \d+ module\(s\) in eval mode at the start of training",
         category=PossibleUserWarning,
     )
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint written for another pool, task list or method than the system loading it."""
 
 
 def default_optimizer(params: Iterable[Tensor]) -> torch.optim.Optimizer:
@@ -90,10 +104,17 @@ class TestTimeSystem(L.LightningModule):
         tasks: the tasks to adapt on, in order; default all of the pool's tasks.
         optimizer: optimizer for the learnable parameters (default Adam, lr 1e-3).
         export_dir: if set, the merged model, learned parameters and ``metrics.json`` are written
-            here at the end of ``fit``.
+            here at the end of ``fit``, as one set (the folder is replaced whole).
+
+    Attributes:
+        overwrite: replace an ``export_dir`` that holds another run's export (the CLI's
+            ``--overwrite``); default False, and such a run is refused before training.
+        run_id: this run's id, recorded in checkpoints and the export manifest; a resumed run takes
+            the id of the checkpoint's run.
     """
 
     __test__ = False  # not a pytest test class despite the name
+    identity: tuple[str, ...] = ()  # hparams that define the learnable state (compared at resume)
 
     def __init__(
         self,
@@ -112,6 +133,8 @@ class TestTimeSystem(L.LightningModule):
             raise ValueError(f"duplicate task in {self.tasks}")
         self.optimizer = optimizer
         self.export_dir = export_dir
+        self.overwrite = False
+        self.run_id = uuid.uuid4().hex[:12]
         self.logit_scale = pool.logit_scale
         self._heads = nn.Module()
         for i, task in enumerate(self.tasks):
@@ -161,10 +184,13 @@ class TestTimeSystem(L.LightningModule):
         return {n: p.detach() for n, p in self.named_parameters() if id(p) in wanted}
 
     def export(self, directory: Path) -> None:
-        """Write the learned parameters to ``directory/learned.safetensors``; subclasses add the model."""
+        """Write the learned parameters to ``directory/learned.safetensors``; subclasses add the model.
+
+        ``directory`` is the temporary folder of the export set (see :meth:`on_fit_end`)."""
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.learnable_state_dict().items()}
-        save_file(tensors, str(directory / "learned.safetensors"), metadata={"tasks": json.dumps(self.tasks)})
+        with atomic_path(directory / "learned.safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.tasks)})
 
     # ---- set-up checks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -177,6 +203,23 @@ class TestTimeSystem(L.LightningModule):
         learnable = set(self.learnable_state_dict())
         frozen = [n for n, _ in self.named_parameters() if n not in learnable]
         self._ddp_params_and_buffers_to_ignore = frozen + [n for n, _ in self.named_buffers()]
+        if self._trainer is not None and type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def on_fit_start(self) -> None:
+        """Before the first step: refuse an ``export_dir`` this run may not replace; sweep temporaries
+        that killed runs left next to it and beside the checkpoints."""
+        trainer = self.trainer
+        dirs = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if trainer.ckpt_path:
+            dirs.append(os.path.dirname(os.path.abspath(trainer.ckpt_path)))
+        if trainer.is_global_zero:
+            for d in dirs:
+                sweep_temporaries(d)
+        if self.export_dir is not None:
+            paths = {"log dir": trainer.log_dir if trainer.loggers else None}
+            paths.update({f"checkpoint dir {i}": d for i, d in enumerate(dirs)})
+            check_export_dir(self.export_dir, self.run_id, self.overwrite, paths)
 
     def _check_data(self, data_tasks: list[str], num_classes: Mapping[str, int] | None) -> None:
         extra = [t for t in data_tasks if t not in self.tasks]
@@ -215,7 +258,9 @@ class TestTimeSystem(L.LightningModule):
         params = self.learnable_parameters()
         if not params:
             raise ValueError(f"{type(self).__name__} has no learnable parameters")
-        return self.optimizer(params)
+        optimizer = self.optimizer(params)
+        check_learning_rates(optimizer, type(self).__name__)
+        return optimizer
 
     # ---- evaluation ------------------------------------------------------------------------
     def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int) -> None:
@@ -256,28 +301,31 @@ class TestTimeSystem(L.LightningModule):
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint_metadata(self) -> dict:
-        """What a checkpoint must agree on to be loaded into this system."""
+        """What a checkpoint must agree on to be loaded into this system (every field is compared)."""
+        fingerprints = self.pool.fingerprints()
         return {
             "system": type(self).__name__,
             "pool": self.pool.name,
             "tasks": list(self.tasks),
             "num_classes": dict(self.num_classes),
+            "method": {k: self.hparams.get(k) for k in self.identity},
+            "pretrained": fingerprints["pretrained"],
+            "experts": {t: fingerprints["experts"][t] for t in self.tasks},
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.learnable_state_dict().items()}
-        checkpoint[_META_KEY] = self.checkpoint_metadata()
+        checkpoint[_META_KEY] = {**self.checkpoint_metadata(), "run_id": self.run_id}
+        checkpoint.pop("hyper_parameters", None)  # state, never configuration
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get(_META_KEY)
-        if meta is None:
+        if not isinstance(meta, dict):
             raise CheckpointMismatchError("not an adamerge checkpoint: it has no 'adamerge' metadata")
-        mine = self.checkpoint_metadata()
-        for key in ("system", "pool", "tasks", "num_classes"):
-            if meta.get(key) != mine[key]:
-                raise CheckpointMismatchError(
-                    f"checkpoint was written for {key} {meta.get(key)!r}, this run has {mine[key]!r}"
-                )
+        compare_identity(meta, self.checkpoint_metadata())
+        check_learnable_state(checkpoint.get("state_dict", {}), self.learnable_state_dict())
+        if isinstance(meta.get("run_id"), str):
+            self.run_id = meta["run_id"]
 
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True, assign: bool = False):
         """Load a learnable-only state dict; ``strict`` checks exactly the learnable names."""
@@ -297,9 +345,11 @@ class TestTimeSystem(L.LightningModule):
         if self.export_dir is None:
             return
         if self.trainer.is_global_zero:
-            directory = Path(self.export_dir)
-            self.export(directory)
-            self.write_metrics(directory)
+            manifest = {"run_id": self.run_id, "system": type(self).__name__, "method": self.method_label,
+                        "tasks": list(self.tasks), "step": int(self.trainer.global_step)}
+            with atomic_dir(self.export_dir, manifest=manifest) as directory:
+                self.export(directory)
+                self.write_metrics(directory)
         self.trainer.strategy.barrier("adamerge-export")
 
     @property

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from adamerge.components.surgery import (
@@ -37,6 +37,7 @@ from adamerge.components.surgery import (
     merged_encoder,
     transformer_blocks,
 )
+from adamerge.files import write_text
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
 
@@ -67,6 +68,8 @@ class Surgery(TestTimeSystem):
         optimizer: optimizer for the aligners (default Adam, lr 1e-3).
         export_dir: if set, aligners, metadata, merged model and ``metrics.json`` go here after fit.
     """
+
+    identity = ("version", "rank", "base_merge")
 
     def __init__(
         self,
@@ -179,11 +182,8 @@ class Surgery(TestTimeSystem):
             "base_merge": self.base_merge if not isinstance(self.base_merge, os.PathLike) else str(self.base_merge),
             "trainable_parameters": self.model.trainable_parameter_count(),
         }
-        (directory / "surgery.json").write_text(json.dumps(info, indent=1))
+        write_text(directory / "surgery.json", json.dumps(info, indent=1))
         if self.export_merged:
             state = {k: v.detach().cpu() for k, v in self.model.encoder.state_dict().items()}
             target = directory / "merged.safetensors"
-            if hasattr(self.pool, "export"):  # OpenCLIPPool: a full CLIP open_clip.create_model loads
-                self.pool.export(state, target)
-            else:
-                save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+            self.pool.export(state, target)  # OpenCLIPPool: a full CLIP open_clip.create_model loads

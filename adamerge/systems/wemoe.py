@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from adamerge.components.wemoe import LINEARS, WEMoEError, WEMoEModel, assemble, find_mlp_blocks, upscale
-from adamerge.models.checkpoints import load_visual_state
+from adamerge.files import atomic_path, write_text
+from adamerge.models.checkpoints import CheckpointError, load_visual_state
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
 
@@ -70,6 +71,8 @@ class WEMoE(TestTimeSystem):
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
     """
 
+    identity = ("scaling_factor", "merged_state", "router_hidden_layers", "shared_router", "keep_ratio")
+
     def __init__(
         self,
         pool: ModelPool,
@@ -92,7 +95,10 @@ class WEMoE(TestTimeSystem):
             raise ValueError(f"tau_dtype must be one of {sorted(_DTYPES)}, got {tau_dtype!r}")
         merged = None
         if merged_state is not None:
-            merged = load_visual_state(merged_state, reference=pool.pretrained_state())
+            try:
+                merged = load_visual_state(merged_state, reference=pool.pretrained_state())
+            except CheckpointError as e:
+                raise CheckpointError(f"merged_state: {e}") from None
         self.model = upscale(
             pool,
             self.tasks,
@@ -226,11 +232,9 @@ def save_wemoe(model: WEMoEModel, directory: str | os.PathLike, extra: dict | No
         "config": model.config,
         "rebuild": "adamerge.systems.wemoe.load_wemoe(directory, encoder) with encoder = the pool's encoder",
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / "wemoe.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"tasks": json.dumps(model.tasks)})
-    os.replace(tmp, directory / "wemoe.safetensors")
-    (directory / "wemoe.json").write_text(json.dumps(meta, indent=2))
+    with atomic_path(directory / "wemoe.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"tasks": json.dumps(model.tasks)})
+    write_text(directory / "wemoe.json", json.dumps(meta, indent=2))
     return meta
 
 
