@@ -18,7 +18,6 @@ from adamerge.components.surgery import (
     SurgeryModel,
     alignment_loss,
     encode_with_block_means,
-    merged_encoder,
 )
 from adamerge.merging.task_vectors import add_task_vector, sum_task_vectors
 
@@ -314,36 +313,6 @@ def test_expert_features_half_precision_and_streaming():
     assert set(cached._encoders) == {"task0"}
     with pytest.raises(KeyError, match="task1"):
         cached("task1", x)
-
-
-# ---- merged encoders from names or files ---------------------------------------------------------------
-def test_merged_encoder_from_a_state_file(tmp_path):
-    pool = make_tiny_pool()
-    state = _ta_state(pool)
-    path = tmp_path / "merged.safetensors"
-    save_file({f"visual.{k}": v.contiguous() for k, v in state.items()}, str(path))
-    enc = merged_encoder(pool, str(path))
-    x = _images()
-    torch.testing.assert_close(enc(x), pool.build_encoder(state)(x))
-    with pytest.raises(Exception, match="not found|does not exist"):
-        merged_encoder(pool, str(tmp_path / "missing.safetensors"))
-    bad = dict(state)
-    bad.pop(next(iter(bad)))
-    save_file({k: v.contiguous() for k, v in bad.items()}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="missing key"):
-        merged_encoder(pool, str(tmp_path / "bad.safetensors"))
-
-
-def test_merged_encoder_by_method_name_uses_merge_pool():
-    merging = pytest.importorskip("adamerge.merging")
-    if not hasattr(merging, "merge_pool"):
-        pytest.skip("adamerge.merging.merge_pool not available yet")
-    pool = make_tiny_pool()
-    x = _images()
-    enc = merged_encoder(pool, {"method": "task_arithmetic", "lam": 0.3})
-    torch.testing.assert_close(enc(x), pool.build_encoder(_ta_state(pool))(x), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="'method'"):
-        merged_encoder(pool, {"lam": 0.3})
 
 
 # ---- parameter counts -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from test_data_datamodule import TinySource
 from adamerge.components.losses import entropy
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.systems.base import CheckpointMismatchError
-from adamerge.systems.wemoe import EWEMoE, WEMoE, load_wemoe
+from adamerge.systems.wemoe import WEMoE, load_wemoe
 
 
 def images(n=4, seed=0):
@@ -32,8 +32,9 @@ def test_defaults_and_learnable_parameters():
     assert sum(v.numel() for v in learnable.values()) == system.model.trainable_parameter_count()
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}
     assert trainable == set(learnable)
-    e = EWEMoE(pool, chunk_size=3, impl="experts")
+    e = WEMoE(pool, shared_router=True, keep_ratio=0.1, chunk_size=3, impl="experts")  # E-WEMoE is a config
     assert len(e.model.routers) == 1 and e.model.config["keep_ratio"] == 0.1
+    assert (e.method_label, system.method_label) == ("E-WEMoE", "WEMoE")
     assert e.model.mlps[0].chunk_size == 3 and e.model.mlps[1].impl == "experts"
     with pytest.raises(ValueError, match="tau_dtype"):
         WEMoE(pool, tau_dtype="int8")
@@ -93,7 +94,7 @@ def test_fit_checkpoints_routers_only_and_exports_a_rebuildable_model(tmp_path):
 
 def test_export_round_trip_with_shared_router_and_bfloat16(tmp_path):
     pool = make_tiny_pool()
-    system = EWEMoE(pool, tau_dtype="bfloat16")
+    system = WEMoE(pool, shared_router=True, keep_ratio=0.1, tau_dtype="bfloat16")
     with torch.no_grad():
         for p in system.model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -130,14 +131,24 @@ def test_resume_with_other_router_layout_or_tasks_is_refused(tmp_path):
         assert torch.equal(v, routers[k])
 
 
-def test_merged_state_file_sets_the_non_mlp_weights(tmp_path):
+def test_base_merge_file_sets_the_non_mlp_weights(tmp_path):
     pool = make_tiny_pool()
     theta0 = pool.pretrained_state()
     merged = {k: (v + 0.5).contiguous() for k, v in theta0.items()}
     save_file(merged, tmp_path / "merged.safetensors")
-    system = WEMoE(pool, merged_state=str(tmp_path / "merged.safetensors"))
+    system = WEMoE(pool, base_merge=str(tmp_path / "merged.safetensors"))
     assert torch.equal(system.model.encoder.conv1.weight, merged["conv1.weight"])
     assert torch.equal(system.model.mlps[1].w0_proj, theta0["transformer.resblocks.1.mlp.c_proj.weight"])
-    assert system.model.config["merged_state"].endswith("merged.safetensors")
-    with pytest.raises(Exception, match="not found"):
-        WEMoE(pool, merged_state=str(tmp_path / "missing.safetensors"))
+    assert system.model.config["base_merge"].endswith("merged.safetensors")
+    with pytest.raises(Exception, match="base_merge: .*not found"):
+        WEMoE(pool, base_merge=str(tmp_path / "missing.safetensors"))
+
+
+def test_default_base_is_the_papers_task_arithmetic_outside_the_mlps():
+    pool = make_tiny_pool()
+    from adamerge.components.wemoe import upscale
+
+    direct = upscale(pool, scaling_factor=0.3)  # the component's own task arithmetic
+    system = WEMoE(pool)
+    for name, buf in direct.encoder.state_dict().items():
+        torch.testing.assert_close(system.model.encoder.state_dict()[name], buf, rtol=0, atol=1e-6)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -45,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.models.checkpoints import CheckpointError, load_visual_state
 from adamerge.models.pool import ModelPool, freeze
 
 __all__ = [
@@ -56,7 +54,6 @@ __all__ = [
     "SurgeryModel",
     "alignment_loss",
     "encode_with_block_means",
-    "merged_encoder",
     "transformer_blocks",
 ]
 
@@ -384,44 +381,3 @@ class ExpertFeatures:
     def clear(self) -> None:
         """Drop every cached expert encoder."""
         self._encoders.clear()
-
-
-def merged_encoder(pool: ModelPool, base_merge: str | Mapping[str, Any], tasks: Sequence[str] | None = None) -> nn.Module:
-    """The frozen merged encoder Surgery is put on top of.
-
-    Args:
-        pool: the model pool.
-        base_merge: a static merge method name (``"task_arithmetic"``), a mapping
-            ``{"method": name, **kwargs}`` (``{"method": "ties", "keep": 0.2, "lam": 0.3}``) passed to
-            :func:`adamerge.merging.merge_pool`, or a path to a merged image-encoder state dict
-            (any format :func:`adamerge.models.checkpoints.load_visual_state` reads: ``.safetensors``,
-            e.g. an AdaMerging export, a tensors-only ``.pt``, a full-CLIP export).
-        tasks: the tasks whose experts are merged (default: every task of the pool).
-    """
-    if isinstance(base_merge, (str, os.PathLike)) and _looks_like_path(base_merge):
-        try:
-            state = load_visual_state(base_merge, reference=pool.pretrained_state())  # validated, visual keys
-        except CheckpointError as e:
-            raise CheckpointError(f"base_merge: {e}") from None
-        return pool.build_encoder(state)
-    if isinstance(base_merge, str):
-        method, kwargs = base_merge, {}
-    elif isinstance(base_merge, Mapping):
-        kwargs = dict(base_merge)
-        method = kwargs.pop("method", None)
-        if method is None:
-            raise ValueError(f"base_merge mapping needs a 'method' name, got {dict(base_merge)}")
-        if not isinstance(method, str):
-            raise TypeError(f"base_merge 'method' must be a method name, got {method!r}")
-    else:
-        raise TypeError(f"base_merge must be a method name, a mapping or a file path, got {type(base_merge).__name__}")
-    from adamerge.merging import merge_pool
-
-    if tasks is not None and list(tasks) != pool.tasks:
-        kwargs.setdefault("tasks", list(tasks))
-    return pool.build_encoder(merge_pool(pool, method, **kwargs))
-
-
-def _looks_like_path(value: str | os.PathLike) -> bool:
-    text = os.fspath(value)
-    return os.sep in text or text.endswith((".safetensors", ".pt", ".pth", ".bin")) or os.path.exists(text)

@@ -46,7 +46,7 @@ import json
 import os
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -86,6 +86,9 @@ def _quiet_frozen_eval_notice() -> None:
     )
 
 
+ComponentFactory = Callable[[ModelPool, list[str]], nn.Module]
+
+
 def default_optimizer(params: Iterable[Tensor]) -> torch.optim.Optimizer:
     """Adam, lr 1e-3, betas (0.9, 0.999): the AdaMerging / Surgery default."""
     return torch.optim.Adam(params, lr=1e-3, betas=(0.9, 0.999))
@@ -105,6 +108,10 @@ class TestTimeSystem(L.LightningModule):
         optimizer: optimizer for the learnable parameters (default Adam, lr 1e-3).
         export_dir: if set, the merged model, learned parameters and ``metrics.json`` are written
             here at the end of ``fit``, as one set (the folder is replaced whole).
+        model: the learnable component, given by ``class_path`` (its own ``init_args`` are its
+            hyper-parameters, documented once, in the component); it is built as
+            ``cls(pool, tasks, **init_args)`` and must map images to features. Systems of one method
+            (AdaMerging, WEMoE, Surgery) build theirs and leave this unset.
 
     Attributes:
         overwrite: replace an ``export_dir`` that holds another run's export (the CLI's
@@ -122,11 +129,12 @@ class TestTimeSystem(L.LightningModule):
         tasks: list[str] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         export_dir: str | None = None,
+        model: ComponentFactory | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(pool, ModelPool):
             raise TypeError(f"pool must be a ModelPool, got {type(pool).__name__}")
-        self.save_hyperparameters(ignore=["pool", "optimizer"])
+        self.save_hyperparameters(ignore=["pool", "optimizer", "model"])
         self.pool = pool
         self.tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
         if len(set(self.tasks)) != len(self.tasks):
@@ -149,6 +157,16 @@ class TestTimeSystem(L.LightningModule):
         self._eval_tasks = list(self.tasks)
         self.last_metrics: dict[str, float] = {}
         self.last_metrics_step: int | None = None  # global step of the validation behind last_metrics
+        self._built_component = model is not None
+        if model is not None:
+            self.model = model(pool, list(self.tasks))
+            if not isinstance(self.model, nn.Module):
+                raise TypeError(f"model must build an nn.Module, got {type(self.model).__name__}")
+
+    @property
+    def component(self) -> nn.Module | None:
+        """The learnable component given as ``model`` (None in systems that build their own)."""
+        return self.model if self._built_component else None
 
     # ---- heads -----------------------------------------------------------------------------
     def head(self, task: str) -> Tensor:
@@ -163,8 +181,11 @@ class TestTimeSystem(L.LightningModule):
 
     # ---- hooks for subclasses --------------------------------------------------------------
     def task_logits(self, task: str, images: Tensor) -> Tensor:
-        """Logits ``[B, C_task]`` of ``task`` on ``images``. Subclasses must implement it."""
-        raise NotImplementedError(f"{type(self).__name__} must implement task_logits(task, images)")
+        """Logits ``[B, C_task]`` of ``task`` on ``images``: the component's features through the
+        task's head. Systems without a ``model`` component implement it."""
+        if self.component is None:
+            raise NotImplementedError(f"{type(self).__name__} must implement task_logits(task, images)")
+        return self.logits(task, self.component(images))
 
     def adaptation_loss(self, task: str, images: Tensor) -> Tensor:
         """The unsupervised loss of one task's batch (default: mean Shannon entropy)."""
@@ -191,6 +212,8 @@ class TestTimeSystem(L.LightningModule):
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.learnable_state_dict().items()}
         with atomic_path(directory / "learned.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"tasks": json.dumps(self.tasks)})
+        if self.component is not None and hasattr(self.component, "merged_state_dict"):
+            self.pool.export(self.component.merged_state_dict(), directory / "merged.safetensors")
 
     # ---- set-up checks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -308,10 +331,19 @@ class TestTimeSystem(L.LightningModule):
             "pool": self.pool.name,
             "tasks": list(self.tasks),
             "num_classes": dict(self.num_classes),
-            "method": {k: self.hparams.get(k) for k in self.identity},
+            "method": self.method_identity(),
             "pretrained": fingerprints["pretrained"],
             "experts": {t: fingerprints["experts"][t] for t in self.tasks},
         }
+
+    def method_identity(self) -> dict:
+        """What defines the learnable state: the ``identity`` hparams, or the component's class and
+        its ``identity()`` (compared at resume)."""
+        if self.component is None:
+            return {k: self.hparams.get(k) for k in self.identity}
+        cls = type(self.component)
+        extra = self.component.identity() if hasattr(self.component, "identity") else {}
+        return {"component": f"{cls.__module__}.{cls.__qualname__}", **extra}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v.detach().clone() for k, v in self.learnable_state_dict().items()}
@@ -354,7 +386,10 @@ class TestTimeSystem(L.LightningModule):
 
     @property
     def method_label(self) -> str:
-        """The row name of this run in results tables; subclasses name their variant."""
+        """The row name of this run in results tables: the component's ``label``, or the class name;
+        subclasses name their variant."""
+        if self.component is not None:
+            return str(getattr(self.component, "label", type(self.component).__name__))
         return type(self).__name__
 
     def write_metrics(self, directory: Path) -> Path | None:

@@ -22,7 +22,6 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -34,10 +33,10 @@ from adamerge.components.surgery import (
     ExpertFeatures,
     SurgeryModel,
     alignment_loss,
-    merged_encoder,
     transformer_blocks,
 )
 from adamerge.files import write_text
+from adamerge.systems.base_merge import BaseMerge, base_merge_state
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
 
@@ -77,7 +76,7 @@ class Surgery(TestTimeSystem):
         tasks: list[str] | None = None,
         version: str = "v1",
         rank: int = 16,
-        base_merge: str | dict[str, Any] = "task_arithmetic",
+        base_merge: BaseMerge = "task_arithmetic",
         expert_dtype: str = "float32",
         cache_experts: bool = True,
         export_merged: bool = True,
@@ -95,7 +94,7 @@ class Surgery(TestTimeSystem):
             transformer_blocks(pool.encoder)  # can its blocks be hooked? (checked before the merge runs)
         self.base_merge = base_merge
         self.export_merged = export_merged
-        encoder = merged_encoder(pool, base_merge, self.tasks)
+        encoder = pool.build_encoder(base_merge_state(pool, base_merge, self.tasks))
         self.model = SurgeryModel(encoder, self.tasks, rank=rank, version=version)
         self.experts = ExpertFeatures(
             pool, self.tasks, with_blocks=version == "v2", dtype=EXPERT_DTYPES[expert_dtype], cache=cache_experts

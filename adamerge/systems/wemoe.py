@@ -31,13 +31,14 @@ from torch import Tensor, nn
 
 from adamerge.components.wemoe import LINEARS, WEMoEError, WEMoEModel, assemble, find_mlp_blocks, upscale
 from adamerge.files import atomic_path, write_text
-from adamerge.models.checkpoints import CheckpointError, load_visual_state
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
+from adamerge.systems.base_merge import BaseMerge, base_merge_state, is_path
 
-__all__ = ["EWEMoE", "WEMoE", "load_wemoe", "save_wemoe", "wemoe_optimizer"]
+__all__ = ["WEMoE", "load_wemoe", "save_wemoe", "wemoe_optimizer"]
 
 _PREFIX = "model."
+_PAPER_BASE = {"method": "task_arithmetic", "lam": 0.3}  # non-MLP weights: task arithmetic, λ = 0.3
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,9 +54,10 @@ class WEMoE(TestTimeSystem):
         pool: the model pool (pretrained encoder, experts, zero-shot heads).
         tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
         init_lambda: initial routing weight of every expert (the routers' last bias).
-        scaling_factor: λ of the task arithmetic that merges every non-MLP parameter.
-        merged_state: path of a merged image-encoder state dict (e.g. an AdaMerging run's
-            ``merged.safetensors``) to take the non-MLP parameters from instead of task arithmetic.
+        base_merge: where the non-MLP parameters come from (the paper: task arithmetic, λ = 0.3):
+            a static method name, a mapping ``{method: task_arithmetic, lam: 0.3}``, or the path of a
+            merged image-encoder state dict (e.g. an AdaMerging run's ``merged.safetensors``); see
+            :mod:`adamerge.systems.base_merge`.
         router_hidden_layers: hidden Linear(d, d) → ReLU stages per router: 0 (linear router),
             1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
         shared_router: one router for all blocks (E-WEMoE) instead of one per block.
@@ -71,15 +73,14 @@ class WEMoE(TestTimeSystem):
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
     """
 
-    identity = ("scaling_factor", "merged_state", "router_hidden_layers", "shared_router", "keep_ratio")
+    identity = ("base_merge", "router_hidden_layers", "shared_router", "keep_ratio")
 
     def __init__(
         self,
         pool: ModelPool,
         tasks: list[str] | None = None,
         init_lambda: float = 0.3,
-        scaling_factor: float = 0.3,
-        merged_state: str | None = None,
+        base_merge: BaseMerge = _PAPER_BASE,
         router_hidden_layers: int = 1,
         shared_router: bool = False,
         keep_ratio: float = 1.0,
@@ -93,27 +94,27 @@ class WEMoE(TestTimeSystem):
         super().__init__(pool, tasks, optimizer, export_dir)
         if tau_dtype not in _DTYPES:
             raise ValueError(f"tau_dtype must be one of {sorted(_DTYPES)}, got {tau_dtype!r}")
-        merged = None
-        if merged_state is not None:
-            try:
-                merged = load_visual_state(merged_state, reference=pool.pretrained_state())
-            except CheckpointError as e:
-                raise CheckpointError(f"merged_state: {e}") from None
         self.model = upscale(
             pool,
             self.tasks,
             init_lambda=init_lambda,
-            scaling_factor=scaling_factor,
-            merged_state=merged,
+            merged_state=base_merge_state(pool, base_merge, self.tasks),
             router_hidden_layers=router_hidden_layers,
             shared_router=shared_router,
             keep_ratio=keep_ratio,
             tau_dtype=_DTYPES[tau_dtype],
         )
-        self.model.config["merged_state"] = None if merged_state is None else str(merged_state)
+        self.model.config["base_merge"] = str(base_merge) if is_path(base_merge) else base_merge
         self.model.set_impl(impl)
         self.model.set_chunk_size(chunk_size)
         self.batch_reduce = bool(batch_reduce)
+
+    @property
+    def method_label(self) -> str:
+        """``E-WEMoE`` for its configuration (one shared router over pruned MLP task vectors,
+        ``configs/method/ewemoe.yaml``), else ``WEMoE``."""
+        efficient = self.hparams.get("shared_router") and self.hparams.get("keep_ratio", 1.0) < 1.0
+        return "E-WEMoE" if efficient else "WEMoE"
 
     def task_logits(self, task: str, images: Tensor) -> Tensor:
         return self.logits(task, self.model(images))
@@ -154,65 +155,6 @@ class WEMoE(TestTimeSystem):
         directory = Path(directory)
         super().export(directory)
         save_wemoe(self.model, directory, extra={"system": type(self).__name__})
-
-
-class EWEMoE(WEMoE):
-    """E-WEMoE: WEMoE with MLP task vectors pruned to their top 10% and one router shared by all blocks.
-
-    Args:
-        pool: the model pool (pretrained encoder, experts, zero-shot heads).
-        tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
-        init_lambda: initial routing weight of every expert (the router's last bias).
-        scaling_factor: λ of the task arithmetic that merges every non-MLP parameter.
-        merged_state: path of a merged image-encoder state dict for the non-MLP parameters.
-        router_hidden_layers: hidden Linear(d, d) → ReLU stages of the router (1 = paper).
-        shared_router: one router for all blocks (the E-WEMoE default).
-        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept.
-        batch_reduce: while training, average the routing weights over each task's batch.
-        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
-        impl: per-sample evaluation, ``weights`` or ``experts``.
-        chunk_size: merge per-sample weights for at most this many samples at a time; None: all.
-        optimizer: optimizer for the router (default Adam, lr 1e-4).
-        export_dir: if set, router, the upscaled model and ``metrics.json`` go here after fit.
-    """
-
-    def __init__(
-        self,
-        pool: ModelPool,
-        tasks: list[str] | None = None,
-        init_lambda: float = 0.3,
-        scaling_factor: float = 0.3,
-        merged_state: str | None = None,
-        router_hidden_layers: int = 1,
-        shared_router: bool = True,
-        keep_ratio: float = 0.1,
-        batch_reduce: bool = True,
-        tau_dtype: str = "float32",
-        impl: str = "weights",
-        chunk_size: int | None = None,
-        optimizer: OptimizerCallable = wemoe_optimizer,
-        export_dir: str | None = None,
-    ) -> None:
-        super().__init__(
-            pool,
-            tasks,
-            init_lambda=init_lambda,
-            scaling_factor=scaling_factor,
-            merged_state=merged_state,
-            router_hidden_layers=router_hidden_layers,
-            shared_router=shared_router,
-            keep_ratio=keep_ratio,
-            batch_reduce=batch_reduce,
-            tau_dtype=tau_dtype,
-            impl=impl,
-            chunk_size=chunk_size,
-            optimizer=optimizer,
-            export_dir=export_dir,
-        )
-
-    @property
-    def method_label(self) -> str:
-        return "E-WEMoE"
 
 
 # ---- whole-model files ---------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""One way to name the frozen merge a method builds on (Surgery's base, WEMoE's non-MLP weights).
+
+A ``base_merge`` is one of
+
+* a static method name, ``"task_arithmetic"`` (its defaults);
+* a mapping ``{"method": name, **kwargs}``, e.g. ``{"method": "ties", "keep": 0.2, "lam": 0.3}``,
+  passed to :func:`adamerge.merging.merge_pool`;
+* a path to a merged image-encoder state dict (any format
+  :func:`adamerge.models.checkpoints.load_visual_state` reads: an AdaMerging export's
+  ``merged.safetensors``, a tensors-only ``.pt``, a full-CLIP export).
+
+A string is a path when it names an existing file or folder, contains a path separator, or ends in
+a checkpoint suffix; otherwise it is a method name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from adamerge.merging import merge_pool
+from adamerge.models.checkpoints import CheckpointError, load_visual_state
+from adamerge.models.pool import ModelPool
+
+__all__ = ["BaseMerge", "base_merge_state", "is_path"]
+
+BaseMerge = str | dict[str, Any]
+_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def is_path(value: object) -> bool:
+    """Whether a ``base_merge`` string names a file (see the module docstring)."""
+    if isinstance(value, os.PathLike):
+        return True
+    if not isinstance(value, str):
+        return False
+    return os.sep in value or value.endswith(_SUFFIXES) or os.path.exists(value)
+
+
+def base_merge_state(
+    pool: ModelPool, base_merge: BaseMerge | os.PathLike, tasks: Sequence[str] | None = None,
+    option: str = "base_merge",
+) -> dict[str, Tensor]:
+    """The merged encoder state ``base_merge`` names, validated against θ_0 (errors name ``option``).
+
+    Args:
+        pool: the model pool.
+        base_merge: a method name, a ``{"method": ..., **kwargs}`` mapping, or a file path.
+        tasks: the tasks whose experts are merged (default: every task of the pool).
+        option: how errors call the option.
+    """
+    if is_path(base_merge):
+        try:
+            return load_visual_state(base_merge, reference=pool.pretrained_state())
+        except CheckpointError as e:
+            raise CheckpointError(f"{option}: {e}") from None
+    if isinstance(base_merge, str):
+        method, kwargs = base_merge, {}
+    elif isinstance(base_merge, Mapping):
+        kwargs = dict(base_merge)
+        method = kwargs.pop("method", None)
+        if not isinstance(method, str):
+            raise ValueError(f"{option}: a mapping needs a 'method' name, got {dict(base_merge)}")
+    else:
+        raise TypeError(f"{option} must be a method name, a mapping or a file path, got {type(base_merge).__name__}")
+    if tasks is not None and list(tasks) != pool.tasks:
+        kwargs.setdefault("tasks", list(tasks))
+    return merge_pool(pool, method, **kwargs)

@@ -1,0 +1,57 @@
+"""One way to name a base merge: a method name, a mapping, or a merged state file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_pool
+from safetensors.torch import save_file
+
+from adamerge.merging.task_vectors import MergeError, add_task_vector, sum_task_vectors
+from adamerge.systems.base_merge import base_merge_state, is_path
+
+
+def _ta_state(pool, lam: float = 0.3) -> dict:
+    """Task arithmetic written out here (independent of adamerge.merging's dispatcher)."""
+    taus = [tau for _, tau in pool.task_vectors()]
+    return add_task_vector(pool.pretrained_state(), sum_task_vectors(taus), lam)
+
+
+def _close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6)
+
+
+def test_from_a_state_file_in_either_key_convention(tmp_path):
+    pool = make_tiny_pool()
+    state = _ta_state(pool)
+    save_file({f"visual.{k}": v.contiguous() for k, v in state.items()}, tmp_path / "full.safetensors")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "visual.safetensors")
+    _close(base_merge_state(pool, str(tmp_path / "full.safetensors")), state)
+    _close(base_merge_state(pool, tmp_path / "visual.safetensors"), state)
+    with pytest.raises(Exception, match=r"^merged_state: .*(not found|does not exist)"):
+        base_merge_state(pool, str(tmp_path / "missing.safetensors"), option="merged_state")
+    bad = dict(state)
+    bad.pop(next(iter(bad)))
+    save_file({k: v.contiguous() for k, v in bad.items()}, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="base_merge: .*missing key"):
+        base_merge_state(pool, str(tmp_path / "bad.safetensors"))
+
+
+def test_by_method_name_or_mapping():
+    pool = make_tiny_pool()
+    _close(base_merge_state(pool, {"method": "task_arithmetic", "lam": 0.3}), _ta_state(pool, 0.3))
+    _close(base_merge_state(pool, {"method": "task_arithmetic", "lam": 0.5}, tasks=["task0", "task2"]),
+           add_task_vector(pool.pretrained_state(),
+                           sum_task_vectors([pool.task_vector("task0"), pool.task_vector("task2")]), 0.5))
+    with pytest.raises(ValueError, match="base_merge: a mapping needs a 'method' name"):
+        base_merge_state(pool, {"lam": 0.3})
+    with pytest.raises(MergeError, match="unknown merging method 'taskarith'"):
+        base_merge_state(pool, "taskarith")
+
+
+def test_what_counts_as_a_path(tmp_path):
+    (tmp_path / "run").mkdir()
+    assert is_path("runs/x/merged.safetensors") and is_path("merged.pt") and is_path(str(tmp_path / "run"))
+    assert not is_path("task_arithmetic") and not is_path({"method": "ties"})
