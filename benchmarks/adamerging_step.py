@@ -23,12 +23,14 @@ import resource
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adamerge.components.adamerging import AdaMergingModel
 from adamerge.components.losses import entropy
 from adamerge.models.pool import ModelPool
 from adamerge.systems.adamerging import AdaMerging
@@ -132,7 +134,7 @@ def run(args: argparse.Namespace) -> dict:
     k = args.tasks or MODELS[args.model]
     encoder, size, dim = build_encoder(args.model)
     pool = build_pool(encoder, dim, k)
-    system = AdaMerging(pool, granularity=args.granularity, tv_dtype=args.tv_dtype).to(device)
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity=args.granularity, tv_dtype=args.tv_dtype)).to(device)
     adapt, plain = make_steps(system, pool, device)
     g = torch.Generator().manual_seed(0)
     images = {t: torch.randn(args.batch, 3, size, size, generator=g).to(device) for t in pool.tasks}

@@ -118,7 +118,7 @@ def test_bad_configuration_ends_in_one_line(case, expected, tmp_path, mini_tiny_
     elif case == "lr":
         args.append("--model.init_args.optimizer.init_args.lr=1e30")
     else:
-        args.append("--model.init_args.init=1.5")
+        args.append("--model.init_args.model.init_args.init=1.5")
     with pytest.raises(SystemExit) as e:
         entry(args)
     assert e.value.code == 2

@@ -51,7 +51,7 @@ def test_entropy_matches_definition_and_is_stable():
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_merged_weights_equal_explicit_sum(granularity):
     pool = make_tiny_pool()
-    model = AdaMergingModel.from_pool(pool, granularity=granularity, clamp=True)
+    model = AdaMergingModel(pool, granularity=granularity, clamp=True)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # values outside [0, 1] exercise the clamp
         model.lambdas.copy_(torch.rand(model.lambdas.shape, generator=g) * 1.6 - 0.3)
@@ -68,7 +68,7 @@ def test_ties_keep_merges_ties_preprocessed_vectors():
     from adamerge.merging.ties import ties_preprocess
 
     pool = make_tiny_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="task", ties_keep=0.2)
+    model = AdaMergingModel(pool, granularity="task", ties_keep=0.2)
     with torch.no_grad():
         model.lambdas.copy_(torch.tensor([[0.2], [0.5], [0.9]]))
     theta0 = pool.pretrained_state()
@@ -77,14 +77,14 @@ def test_ties_keep_merges_ties_preprocessed_vectors():
     for key in model.layer_names:
         expected = theta0[key] + 0.2 * taus[0][key] + 0.5 * taus[1][key] + 0.9 * taus[2][key]
         torch.testing.assert_close(merged[key], expected, rtol=1e-5, atol=1e-6)
-    plain = AdaMergingModel.from_pool(pool, granularity="task")
+    plain = AdaMergingModel(pool, granularity="task")
     assert (model.task_vectors == 0).float().mean() > 0.75  # trimmed to ~20 %, then sign-elected
     assert (plain.task_vectors == 0).float().mean() < 0.01
 
 
 def test_unclamped_and_init():
     pool = make_tiny_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="task", clamp=False, init=0.3)
+    model = AdaMergingModel(pool, granularity="task", clamp=False, init=0.3)
     assert model.lambdas.shape == (3, 1) and torch.all(model.lambdas == 0.3)
     with torch.no_grad():
         model.lambdas.copy_(torch.tensor([[1.5], [-0.5], [0.2]]))
@@ -95,7 +95,7 @@ def test_unclamped_and_init():
 
 def test_forward_equals_encoder_with_merged_weights():
     pool = make_tiny_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="layer")
+    model = AdaMergingModel(pool, granularity="layer")
     images = torch.randn(4, 3, 16, 16)
     reference = pool.build_encoder(model.merged_state_dict())
     torch.testing.assert_close(model(images), reference(images), rtol=1e-5, atol=1e-5)
@@ -104,7 +104,7 @@ def test_forward_equals_encoder_with_merged_weights():
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_entropy_gradient_matches_independent_autograd(granularity):
     pool = soft_pool()
-    model = AdaMergingModel.from_pool(pool, granularity=granularity, clamp=True)
+    model = AdaMergingModel(pool, granularity=granularity, clamp=True)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         model.lambdas.copy_(0.1 + 0.8 * torch.rand(model.lambdas.shape, generator=g))
@@ -129,7 +129,7 @@ def test_entropy_gradient_matches_independent_autograd(granularity):
 
 def test_task_gradient_matches_finite_differences():
     pool = soft_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="task", clamp=False)
+    model = AdaMergingModel(pool, granularity="task", clamp=False)
     images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 
     def loss() -> torch.Tensor:
@@ -153,7 +153,7 @@ def test_task_gradient_matches_finite_differences():
 
 def test_only_coefficients_learn_and_are_saved():
     pool = make_tiny_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="layer")
+    model = AdaMergingModel(pool, granularity="layer")
     assert [n for n, p in model.named_parameters()] == ["lambdas"]
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lambdas"]
     assert list(model.state_dict()) == ["lambdas"]
@@ -166,10 +166,10 @@ def test_only_coefficients_learn_and_are_saved():
 
 def test_load_state_dict_restores_coefficients():
     pool = make_tiny_pool()
-    a = AdaMergingModel.from_pool(pool, granularity="layer")
+    a = AdaMergingModel(pool, granularity="layer")
     with torch.no_grad():
         a.lambdas.uniform_()
-    b = AdaMergingModel.from_pool(pool, granularity="layer")
+    b = AdaMergingModel(pool, granularity="layer")
     b.load_state_dict(a.state_dict())
     torch.testing.assert_close(b.merged_state_dict(), a.merged_state_dict())
 
@@ -178,7 +178,7 @@ def test_caller_encoder_and_pool_untouched():
     pool = make_tiny_pool()
     before = {k: v.clone() for k, v in pool.encoder.state_dict().items()}
     n_params = len(list(pool.encoder.parameters()))
-    model = AdaMergingModel.from_pool(pool)
+    model = AdaMergingModel(pool)
     with torch.no_grad():
         model.lambdas.fill_(0.9)
     model(torch.randn(2, 3, 16, 16)).sum().backward()
@@ -189,8 +189,8 @@ def test_caller_encoder_and_pool_untouched():
 
 def test_bfloat16_task_vectors_close_to_float32():
     pool = make_tiny_pool()
-    f32 = AdaMergingModel.from_pool(pool, tv_dtype="float32")
-    bf16 = AdaMergingModel.from_pool(pool, tv_dtype="bfloat16")
+    f32 = AdaMergingModel(pool, tv_dtype="float32")
+    bf16 = AdaMergingModel(pool, tv_dtype="bfloat16")
     assert bf16.task_vectors.dtype == torch.bfloat16
     assert bf16.task_vectors.element_size() * 2 == f32.task_vectors.element_size()
     a, b = f32.merged_state_dict(), bf16.merged_state_dict()
@@ -206,7 +206,7 @@ def test_bfloat16_gradient_close_to_float32(granularity):
     images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     grads = []
     for dtype in ("float32", "bfloat16"):
-        model = AdaMergingModel.from_pool(pool, granularity=granularity, tv_dtype=dtype)
+        model = AdaMergingModel(pool, granularity=granularity, tv_dtype=dtype)
         feats = F.normalize(model(images), dim=-1)
         sum(entropy(pool.logit_scale * feats @ pool.heads[t].t()).mean() for t in pool.tasks).backward()
         grads.append(model.lambdas.grad)
@@ -231,7 +231,7 @@ def test_generic_constructor_passes_non_float_buffers_through():
         {"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros(3)},
         {"lin.weight": torch.zeros(3, 4), "lin.bias": torch.ones(3)},
     ]
-    model = AdaMergingModel(enc, theta0, taus, granularity="task", init=0.5, task_names=["a", "b"])
+    model = AdaMergingModel.from_task_vectors(enc, theta0, taus, granularity="task", init=0.5, task_names=["a", "b"])
     assert model.layer_names == ["lin.weight", "lin.bias"]
     merged = model.merged_state_dict()
     assert torch.equal(merged["offset"], theta0["offset"])
@@ -246,22 +246,22 @@ def test_bad_inputs_are_refused():
     theta0 = pool.pretrained_state()
     tau = pool.task_vector("task0")
     with pytest.raises(ValueError, match="granularity"):
-        AdaMergingModel(pool.encoder, theta0, [tau], granularity="block")
+        AdaMergingModel.from_task_vectors(pool.encoder, theta0, [tau], granularity="block")
     with pytest.raises(ValueError, match="tv_dtype"):
-        AdaMergingModel(pool.encoder, theta0, [tau], tv_dtype="float16x")
+        AdaMergingModel.from_task_vectors(pool.encoder, theta0, [tau], tv_dtype="float16x")
     with pytest.raises(MergeError, match="no task vectors"):
-        AdaMergingModel(pool.encoder, theta0, [])
+        AdaMergingModel.from_task_vectors(pool.encoder, theta0, [])
     missing = dict(tau)
     key = next(iter(missing))
     del missing[key]
     with pytest.raises(MergeError, match="task vector 1 is missing key"):
-        AdaMergingModel(pool.encoder, theta0, [tau, missing])
+        AdaMergingModel.from_task_vectors(pool.encoder, theta0, [tau, missing])
     bad = {k: v.clone() for k, v in tau.items()}
     bad[key].view(-1)[0] = float("nan")
     with pytest.raises(MergeError, match=f"task vector 0: key '{key}' contains NaN"):
-        AdaMergingModel(pool.encoder, theta0, [bad])
+        AdaMergingModel.from_task_vectors(pool.encoder, theta0, [bad])
     with pytest.raises(ValueError, match="has no expert"):
-        AdaMergingModel.from_pool(pool, tasks=["task0", "nope"])
+        AdaMergingModel(pool, tasks=["task0", "nope"])
 
 
 def test_freeze_as_buffers_leaves_no_parameters():
@@ -274,7 +274,7 @@ def test_freeze_as_buffers_leaves_no_parameters():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_merge_runs_on_the_gpu_without_host_copies():
     pool = soft_pool()
-    model = AdaMergingModel.from_pool(pool, granularity="layer").cuda()
+    model = AdaMergingModel(pool, granularity="layer").cuda()
     assert all(b.is_cuda for b in model.buffers()) and model.lambdas.is_cuda
     images = torch.randn(4, 3, 16, 16, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -283,7 +283,7 @@ def test_merge_runs_on_the_gpu_without_host_copies():
     assert model.lambdas.grad.is_cuda and torch.isfinite(model.lambdas.grad).all()
     with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         merged = model.merged_parameters()  # float32 arithmetic even under autocast
-    expected = AdaMergingModel.from_pool(pool, granularity="layer").merged_state_dict()
+    expected = AdaMergingModel(pool, granularity="layer").merged_state_dict()
     for key, value in merged.items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value.cpu(), expected[key], rtol=1e-5, atol=1e-6)

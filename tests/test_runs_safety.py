@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 from test_systems_base import ScaledProbe, TinySource
 
+from adamerge.components.adamerging import AdaMergingModel
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.files import read_manifest
 from adamerge.merging.task_vectors import MergeError, check_compatible
@@ -71,41 +73,41 @@ def _checkpointed(tmp_path, system, steps=2) -> Path:
 
 # ---- resume: state only, and only into the run that made it ---------------------------------------
 def test_resume_with_a_swapped_expert_file_is_refused_before_any_step(tmp_path):
-    path = _checkpointed(tmp_path, AdaMerging(_file_pool(tmp_path), granularity="task"))
-    resumed = AdaMerging(_file_pool(tmp_path, swap="task1"), granularity="task")
+    path = _checkpointed(tmp_path, AdaMerging(_file_pool(tmp_path), model=partial(AdaMergingModel, granularity="task")))
+    resumed = AdaMerging(_file_pool(tmp_path, swap="task1"), model=partial(AdaMergingModel, granularity="task"))
     counter = CountSteps()
     with pytest.raises(CheckpointMismatchError, match=r"experts\.task1 = '[0-9a-f]{16}', this run has '[0-9a-f]{16}'"):
         quiet_trainer(tmp_path, max_steps=4, callbacks=[counter]).fit(resumed, _dm(resumed), ckpt_path=str(path))
     assert counter.steps == 0
     # the same files resume fine and continue at the checkpoint's step
-    same = AdaMerging(_file_pool(tmp_path), granularity="task")
+    same = AdaMerging(_file_pool(tmp_path), model=partial(AdaMergingModel, granularity="task"))
     assert _fit(tmp_path, same, steps=4, ckpt_path=str(path)) == 2
 
 
 def test_resume_into_another_granularity_or_method_is_refused(tmp_path):
     pool = make_tiny_pool()
-    path = _checkpointed(tmp_path, AdaMerging(pool, granularity="layer"))
+    path = _checkpointed(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer")))
     with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
-        _fit(tmp_path, AdaMerging(pool, granularity="task"), 4, ckpt_path=str(path))
+        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="task")), 4, ckpt_path=str(path))
     with pytest.raises(CheckpointMismatchError, match="method.ties_keep = None, this run has 0.2"):
-        _fit(tmp_path, AdaMerging(pool, granularity="layer", ties_keep=0.2), 4, ckpt_path=str(path))
+        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", ties_keep=0.2)), 4, ckpt_path=str(path))
     with pytest.raises(CheckpointMismatchError, match="system = 'AdaMerging', this run has 'ScaledProbe'"):
         _fit(tmp_path, ScaledProbe(pool), 4, ckpt_path=str(path))
 
 
 def test_a_non_finite_checkpoint_state_is_refused_at_load(tmp_path):
     pool = make_tiny_pool()
-    path = _checkpointed(tmp_path, AdaMerging(pool, granularity="task"))
+    path = _checkpointed(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="task")))
     ckpt = torch.load(path, weights_only=True)
     ckpt["state_dict"]["model.lambdas"][1, 0] = math.nan
     torch.save(ckpt, tmp_path / "nan.ckpt")
-    system = AdaMerging(pool, granularity="task")
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="task"))
     with pytest.raises(CheckpointMismatchError, match="'model.lambdas' holds NaN or Inf"):
         _fit(tmp_path, system, 4, ckpt_path=str(tmp_path / "nan.ckpt"))
     ckpt["state_dict"]["model.lambdas"] = ckpt["state_dict"]["model.lambdas"].double().nan_to_num()
     torch.save(ckpt, tmp_path / "f64.ckpt")
     with pytest.raises(CheckpointMismatchError, match="'model.lambdas' is torch.float64"):
-        _fit(tmp_path, AdaMerging(pool, granularity="task"), 4, ckpt_path=str(tmp_path / "f64.ckpt"))
+        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="task")), 4, ckpt_path=str(tmp_path / "f64.ckpt"))
 
 
 # ---- no run overwrites another ----------------------------------------------------------------------
@@ -180,8 +182,8 @@ def test_an_insane_learning_rate_is_refused_naming_lr(tmp_path, lr):
 
 def test_init_outside_the_clamp_range_is_refused():
     with pytest.raises(ValueError, match=r"init 1.5 is outside the clamp range \[0, 1\]"):
-        AdaMerging(make_tiny_pool(), init=1.5)
-    AdaMerging(make_tiny_pool(), init=1.5, clamp=False)  # without the clamp it is a valid start
+        AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init=1.5))
+    AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init=1.5, clamp=False))  # without the clamp it is a valid start
 
 
 def test_duplicate_task_names_are_refused():
@@ -203,7 +205,7 @@ def test_an_integer_tensor_at_a_float_key_is_refused_naming_the_key():
 
 def test_export_set_manifest_hashes_every_file(tmp_path):
     out = tmp_path / "export"
-    system = AdaMerging(make_tiny_pool(), granularity="task", export_dir=str(out))
+    system = AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, granularity="task"), export_dir=str(out))
     _fit(tmp_path, system, limit_val_batches=1)
     manifest = read_manifest(out)  # verifies every sha256
     assert set(manifest["files"]) == {"learned.safetensors", "merged.safetensors", "coefficients.json",

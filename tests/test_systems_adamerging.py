@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
 import lightning as L
 import pytest
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from test_data_datamodule import TinySource
 
+from adamerge.components.adamerging import AdaMergingModel
 from adamerge.components.losses import entropy
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.models.pool import ModelPool
@@ -42,9 +44,7 @@ def summed_entropy(system: AdaMerging, src: TinySource) -> float:
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_short_fit_lowers_entropy(tmp_path, granularity):
     pool, src = soft_pool(), TinySource(n=16)
-    system = AdaMerging(
-        pool, granularity=granularity, optimizer=lambda params: torch.optim.Adam(params, lr=0.05)
-    )
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity=granularity), optimizer=lambda params: torch.optim.Adam(params, lr=0.05))
     before = summed_entropy(system, src)
     dm = TestTimeDataModule(src, batch_size=8, steps_per_epoch=15)
     trainer(tmp_path, max_steps=15).fit(system, dm)
@@ -58,7 +58,7 @@ def test_short_fit_lowers_entropy(tmp_path, granularity):
 
 def test_adaptation_losses_match_per_task_forward():
     pool = soft_pool()
-    system = AdaMerging(pool, granularity="layer")
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer"))
     g = torch.Generator().manual_seed(2)
     images = {t: torch.randn(3, 3, 16, 16, generator=g) for t in pool.tasks}
     losses = system.adaptation_losses(images)  # one merge, one concatenated forward
@@ -70,7 +70,7 @@ def test_adaptation_losses_match_per_task_forward():
 
 def test_validation_names_and_values(tmp_path):
     pool, src = soft_pool(), TinySource(n=10)
-    system = AdaMerging(pool, granularity="task")
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="task"))
     dm = TestTimeDataModule(src, eval_batch_size=4)
     metrics = trainer(tmp_path, limit_val_batches=None).validate(system, dm, verbose=False)[0]
     encoder = pool.build_encoder(system.model.merged_state_dict())
@@ -85,7 +85,7 @@ def test_validation_names_and_values(tmp_path):
 
 def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     pool = soft_pool()
-    system = AdaMerging(pool, granularity="layer", optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer"), optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     dm = TestTimeDataModule(TinySource(n=8), batch_size=4, steps_per_epoch=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer(tmp_path, max_steps=3, enable_checkpointing=True, callbacks=[ckpt]).fit(system, dm)
@@ -93,7 +93,8 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     state = torch.load(path, weights_only=False)
     assert list(state["state_dict"]) == ["model.lambdas"]
     assert "hyper_parameters" not in state  # state, never configuration
-    assert state["adamerge"]["method"] == {"granularity": "layer", "clamp": True, "ties_keep": None}
+    assert state["adamerge"]["method"] == {"component": "adamerge.components.adamerging.AdaMergingModel",
+                                           "granularity": "layer", "clamp": True, "ties_keep": None}
     assert path.stat().st_size < 20_000
     restored = AdaMerging.load_from_checkpoint(path, pool=pool)
     torch.testing.assert_close(restored.model.lambdas, system.model.lambdas)
@@ -103,13 +104,13 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="tasks"):
         AdaMerging.load_from_checkpoint(path, pool=pool, tasks=["task0", "task1"])
     with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
-        AdaMerging.load_from_checkpoint(path, pool=pool, granularity="task")
+        AdaMerging.load_from_checkpoint(path, pool=pool, model=partial(AdaMergingModel, granularity="task"))
 
 
 def test_export_writes_merged_model_and_coefficients(tmp_path):
     pool = soft_pool()
     out = tmp_path / "export"
-    system = AdaMerging(pool, granularity="layer", export_dir=str(out))
+    system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer"), export_dir=str(out))
     dm = TestTimeDataModule(TinySource(n=8), batch_size=4, eval_batch_size=8, steps_per_epoch=2)
     trainer(tmp_path, max_steps=2, limit_val_batches=None).fit(system, dm)
     merged = load_file(out / "merged.safetensors")
@@ -138,7 +139,7 @@ def test_heatmap_figure_and_wandb_logging(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(project="adamerge-test", save_dir=str(tmp_path), offline=True)
-    system = AdaMerging(soft_pool(), granularity="layer")
+    system = AdaMerging(soft_pool(), model=partial(AdaMergingModel, granularity="layer"))
     dm = TestTimeDataModule(TinySource(n=8), batch_size=4, eval_batch_size=8, steps_per_epoch=2)
     trainer(tmp_path, max_steps=2, limit_val_batches=None, logger=logger, log_every_n_steps=1).fit(system, dm)
     run_dir = logger.experiment.dir
@@ -152,7 +153,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):
 
     def run(max_steps, ckpt_path=None, callbacks=()):
         L.seed_everything(0, verbose=False)
-        system = AdaMerging(pool, granularity="layer", optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+        system = AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer"), optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
         dm = TestTimeDataModule(src, batch_size=4, steps_per_epoch=4, seed=3)
         tr = trainer(
             tmp_path, max_steps=max_steps, enable_checkpointing=bool(callbacks), callbacks=list(callbacks)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite, is_mergeable
+from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
@@ -132,33 +133,50 @@ class _PoolTaskVectors(Sequence):
         return self.pool.task_vector(self.tasks[i])
 
 
+class _TensorSource:
+    """A pool-shaped view of an encoder, θ_0 and a (possibly lazy) sequence of task vectors."""
+
+    def __init__(self, encoder: nn.Module, pretrained_state, task_vectors, names: list[str]) -> None:
+        self.encoder, self._theta0, self._taus, self.tasks = encoder, pretrained_state, task_vectors, names
+
+    def check_tasks(self, tasks: Sequence[str]) -> list[str]:
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise ValueError(f"task {unknown[0]!r} has no task vector (tasks: {self.tasks})")
+        return list(tasks)
+
+    def pretrained_state(self):
+        return self._theta0
+
+    def task_vector(self, task: str):
+        return self._taus[self.tasks.index(task)]
+
+
 class AdaMergingModel(nn.Module):
     """The encoder with weights θ_0 + Σ_k λ_k τ_k, differentiable in the coefficients λ.
 
     Args:
-        encoder: the pretrained module (θ_0's architecture); it is deep-copied, never modified.
-        pretrained_state: θ_0 (same keys and shapes as ``encoder.state_dict()``).
-        task_vectors: K task vectors τ_k over θ_0's floating-point keys (a sequence; may be lazy).
+        pool: the model pool (θ_0 and the experts; task vectors are read one expert at a time and
+            stacked, so only one expert is ever materialised).
+        tasks: the experts to merge, in order; default all of the pool's tasks.
         granularity: ``"task"`` (one λ per task) or ``"layer"`` (one λ per tensor per task).
         init: initial value of every coefficient (0.3 in the paper).
         clamp: clamp λ to [0, 1] inside the merge (official code; FusionBench does not).
         ties_keep: if set, TIES-preprocess the task vectors first (AdaMerging++), keeping this
             fraction of magnitudes (0.2 in the paper).
-        tv_dtype: storage dtype of the stacked task vectors, ``"float32"`` or ``"bfloat16"``.
-        task_names: names of the K tasks (for export and plots); default ``task0..task{K-1}``.
+        tv_dtype: storage dtype of the stacked task vectors, ``"float32"`` or ``"bfloat16"`` (half
+            the memory).
     """
 
     def __init__(
         self,
-        encoder: nn.Module,
-        pretrained_state: Mapping[str, Tensor],
-        task_vectors: Sequence[Mapping[str, Tensor]],
+        pool: ModelPool,
+        tasks: Sequence[str] | None = None,
         granularity: Granularity = "layer",
         init: float = 0.3,
         clamp: bool = True,
         ties_keep: float | None = None,
         tv_dtype: str = "float32",
-        task_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if granularity not in ("task", "layer"):
@@ -172,6 +190,9 @@ class AdaMergingModel(nn.Module):
                 f"init {init} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
                 "would never move; use an init in [0, 1] or clamp: false"
             )
+        task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
+        encoder, pretrained_state = pool.encoder, pool.pretrained_state()
+        task_vectors = _PoolTaskVectors(pool, task_names)
         check_compatible(encoder.state_dict(), pretrained_state, name="pretrained state dict")
         check_finite(pretrained_state, name="pretrained state dict")
         reference = {k: v for k, v in pretrained_state.items() if is_mergeable(v)}
@@ -182,12 +203,8 @@ class AdaMergingModel(nn.Module):
 
             task_vectors = ties_preprocess([dict(t) for t in task_vectors], keep=ties_keep)
         num_tasks = len(task_vectors)
-        self.task_names = (
-            list(task_names) if task_names is not None else [f"task{i}" for i in range(num_tasks)]
-        )
-        if len(self.task_names) != num_tasks:
-            raise ValueError(f"{len(self.task_names)} task names for {num_tasks} task vectors")
-        self.granularity, self.clamp = granularity, bool(clamp)
+        self.task_names = list(task_names)
+        self.granularity, self.clamp, self.ties_keep = granularity, bool(clamp), ties_keep
         self.layer_names = list(reference)
         self._shapes = [tuple(v.shape) for v in reference.values()]
         self._sizes = [v.numel() for v in reference.values()]
@@ -201,6 +218,41 @@ class AdaMergingModel(nn.Module):
         )
         shape = (num_tasks, len(self.layer_names)) if granularity == "layer" else (num_tasks, 1)
         self.lambdas = nn.Parameter(torch.full(shape, float(init)))
+
+    @classmethod
+    def from_task_vectors(
+        cls,
+        encoder: nn.Module,
+        pretrained_state: Mapping[str, Tensor],
+        task_vectors: Sequence[Mapping[str, Tensor]],
+        task_names: Sequence[str] | None = None,
+        **kwargs,
+    ) -> AdaMergingModel:
+        """Build from tensors instead of a pool.
+
+        Args:
+            encoder: the pretrained module (θ_0's architecture); it is deep-copied, never modified.
+            pretrained_state: θ_0 (same keys and shapes as ``encoder.state_dict()``).
+            task_vectors: K task vectors τ_k over θ_0's floating-point keys (a sequence; may be lazy).
+            task_names: names of the K tasks (for export and plots); default ``task0..task{K-1}``.
+            **kwargs: the constructor's method arguments (granularity, init, clamp, ties_keep, tv_dtype).
+        """
+        if len(task_vectors) == 0:
+            raise MergeError("no task vectors given: AdaMerging needs at least one")
+        names = list(task_names) if task_names is not None else [f"task{i}" for i in range(len(task_vectors))]
+        if len(names) != len(task_vectors):
+            raise ValueError(f"{len(names)} task names for {len(task_vectors)} task vectors")
+        return cls(_TensorSource(encoder, pretrained_state, task_vectors, names), names, **kwargs)
+
+    @property
+    def label(self) -> str:
+        """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, …: the row name in results tables."""
+        name = "AdaMerging++" if self.ties_keep is not None else "AdaMerging"
+        return f"{name} ({self.granularity}-wise)"
+
+    def identity(self) -> dict:
+        """What the learned λ means (compared when a run is resumed)."""
+        return {"granularity": self.granularity, "clamp": self.clamp, "ties_keep": self.ties_keep}
 
     # ---- coefficients ---------------------------------------------------------------------
     @property
@@ -239,17 +291,3 @@ class AdaMergingModel(nn.Module):
         super().train(mode)
         self.encoder.eval()
         return self
-
-    @classmethod
-    def from_pool(cls, pool, tasks: Sequence[str] | None = None, **kwargs) -> AdaMergingModel:
-        """Build from a :class:`~adamerge.models.pool.ModelPool` (task vectors streamed one at a time).
-
-        Args:
-            pool: the model pool (θ_0, experts).
-            tasks: which experts to merge, in order; default all of the pool's tasks.
-            **kwargs: the constructor's remaining arguments (granularity, init, clamp, ...).
-        """
-        tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        return cls(
-            pool.encoder, pool.pretrained_state(), _PoolTaskVectors(pool, tasks), task_names=tasks, **kwargs
-        )

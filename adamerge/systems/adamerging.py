@@ -15,7 +15,7 @@ and the coefficients as ``coefficients.json`` and ``coefficients.safetensors``. 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torch.func import functional_call
 
-from adamerge.components.adamerging import AdaMergingModel, Granularity
+from adamerge.components.adamerging import AdaMergingModel
 from adamerge.components.losses import entropy
 from adamerge.files import write_text
 from adamerge.models.checkpoints import save_state_dict
@@ -39,47 +39,23 @@ class AdaMerging(TestTimeSystem):
     Args:
         pool: the model pool (pretrained encoder, experts, zero-shot heads).
         tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
-        granularity: ``"task"`` (one coefficient per task) or ``"layer"`` (one per tensor per task).
-        init: initial value of every coefficient.
-        clamp: clamp coefficients to [0, 1] inside the merge.
-        ties_keep: AdaMerging++: TIES-preprocess the task vectors keeping this fraction (e.g. 0.2);
-            ``None`` for plain AdaMerging.
-        tv_dtype: storage dtype of the task vectors, ``"float32"`` or ``"bfloat16"`` (half memory).
+        model: the coefficients, ``class_path: adamerge.components.adamerging.AdaMergingModel`` with
+            its ``init_args`` (granularity, init, clamp, ties_keep, tv_dtype; documented there);
+            default its defaults (layer-wise, init 0.3, clamped to [0, 1]).
         optimizer: optimizer for the coefficients (default Adam, lr 1e-3).
         export_dir: if set, the merged model, coefficients and ``metrics.json`` go here after fit.
     """
-
-    identity = ("granularity", "clamp", "ties_keep")
 
     def __init__(
         self,
         pool: ModelPool,
         tasks: list[str] | None = None,
-        granularity: Granularity = "layer",
-        init: float = 0.3,
-        clamp: bool = True,
-        ties_keep: float | None = None,
-        tv_dtype: str = "float32",
+        model: Callable[[ModelPool, list[str]], AdaMergingModel] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         export_dir: str | None = None,
     ) -> None:
-        super().__init__(pool, tasks, optimizer, export_dir)
-        self.model = AdaMergingModel.from_pool(
-            pool,
-            self.tasks,
-            granularity=granularity,
-            init=init,
-            clamp=clamp,
-            ties_keep=ties_keep,
-            tv_dtype=tv_dtype,
-        )
+        super().__init__(pool, tasks, optimizer, export_dir, model=model or AdaMergingModel)
         self._eval_params: dict[str, Tensor] | None = None
-
-    @property
-    def method_label(self) -> str:
-        """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, …: the row name in results tables."""
-        name = "AdaMerging++" if self.hparams.get("ties_keep") is not None else "AdaMerging"
-        return f"{name} ({self.hparams.get('granularity', 'layer')}-wise)"
 
     # ---- forward ---------------------------------------------------------------------------
     def encode(self, images: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -157,11 +133,8 @@ class AdaMerging(TestTimeSystem):
         }
 
     def export(self, directory: Path) -> None:
-        """Write ``merged.safetensors``, ``coefficients.json``/``.safetensors``, ``learned.safetensors``."""
+        """Write ``merged.safetensors`` and ``learned.safetensors`` (the base), ``coefficients.json``/``.safetensors``."""
         super().export(directory)
-        state = self.model.merged_state_dict()
-        target = directory / "merged.safetensors"
-        self.pool.export(state, target)
         write_text(directory / "coefficients.json", json.dumps(self.coefficients_dict(), indent=1))
         save_state_dict(
             {"coefficients": self.model.coefficients().detach().cpu()},
