@@ -28,7 +28,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from adamerge.components.wemoe import WeightEnsemblingMLP, upscale
+from adamerge.components.wemoe import WeightEnsemblingMLP, WEMoEModel
 from adamerge.models.pool import ModelPool
 
 
@@ -106,7 +106,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     pool = random_pool(args.model, args.tasks)
-    model = upscale(pool).to(device)
+    model = WEMoEModel(pool).to(device)
     counts = {"wemoe": model.trainable_parameter_count()}
     plain = pool.build_encoder().to(device)  # same cost as any merged encoder
     g = torch.Generator().manual_seed(0)
@@ -127,7 +127,7 @@ def main() -> None:
         results["loop"] = timed(model, [batches[0][: args.loop_samples]], device)
     del model, plain
 
-    e_wemoe = upscale(pool, shared_router=True, keep_ratio=0.1)
+    e_wemoe = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
     counts["e_wemoe"] = e_wemoe.trainable_parameter_count()
     del e_wemoe
 

@@ -13,10 +13,10 @@ from torch import nn
 
 from adamerge.components.wemoe import (
     WEMoEError,
+    WEMoEModel,
     build_router,
     ensemble_linear,
     prune_top_magnitude,
-    upscale,
 )
 from adamerge.models.pool import ModelPool
 
@@ -94,7 +94,7 @@ def pool():
 
 
 def test_init_with_constant_router_equals_task_arithmetic(pool):
-    model = upscale(pool, init_lambda=LAM, scaling_factor=LAM)
+    model = WEMoEModel(pool, init_lambda=LAM)  # base: task arithmetic, λ = 0.3 = LAM
     with torch.no_grad():
         for router in model.routers:
             for m in router:
@@ -103,7 +103,7 @@ def test_init_with_constant_router_equals_task_arithmetic(pool):
     expected = pool.build_encoder(ta_state(pool))(images())
     torch.testing.assert_close(model(images()), expected, atol=1e-5, rtol=1e-5)
     # the paper's init (weights N(0, 0.01²)) starts next to task arithmetic, not on it
-    near = upscale(pool)(images())
+    near = WEMoEModel(pool)(images())
     assert 0 < (near - expected).abs().max() < 0.05
 
 
@@ -118,7 +118,7 @@ def test_router_init():
 
 @pytest.mark.parametrize("impl", ["weights", "experts"])
 def test_per_sample_matches_python_loop(pool, impl):
-    model = upscale(pool)
+    model = WEMoEModel(pool)
     randomise_routers(model)
     model.set_impl(impl)
     x = images(5)
@@ -131,7 +131,7 @@ def test_per_sample_matches_python_loop(pool, impl):
 
 
 def test_chunked_per_sample_merging_equals_whole_batch(pool):
-    model = upscale(pool)
+    model = WEMoEModel(pool)
     randomise_routers(model)
     x = images(5)
     whole = model(x)
@@ -144,7 +144,7 @@ def test_chunked_per_sample_merging_equals_whole_batch(pool):
 
 
 def test_batch_reduce_matches_loop_with_averaged_weights(pool):
-    model = upscale(pool)
+    model = WEMoEModel(pool)
     randomise_routers(model)
     x = images(4)
     per_sample = model(x)
@@ -158,7 +158,7 @@ def test_batch_reduce_matches_loop_with_averaged_weights(pool):
 
 def test_only_routers_learn_and_are_saved(pool):
     before = {k: v.clone() for k, v in pool.encoder.state_dict().items()}
-    model = upscale(pool)
+    model = WEMoEModel(pool)
     assert all(n.startswith("routers.") for n, _ in model.named_parameters())
     assert set(model.state_dict()) == {
         f"routers.{i}.{j}.{w}" for i in range(2) for j in (0, 2) for w in ("weight", "bias")
@@ -176,8 +176,8 @@ def test_trainable_counts_match_formula(pool):
     d, L, K = TINY_VISION["width"], TINY_VISION["layers"], 3
     per_router = {0: d * K + K, 1: d * d + d + d * K + K, 2: 2 * (d * d + d) + d * K + K}
     for h, n in per_router.items():
-        assert upscale(pool, router_hidden_layers=h).trainable_parameter_count() == L * n
-    shared = upscale(pool, shared_router=True, keep_ratio=0.1)
+        assert WEMoEModel(pool, router_hidden_layers=h).trainable_parameter_count() == L * n
+    shared = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
     assert shared.trainable_parameter_count() == per_router[1]
     assert all(m.router is shared.routers[0] for m in shared.mlps)
 
@@ -192,7 +192,7 @@ def test_e_wemoe_keeps_exact_top_fraction(pool):
     assert t[kept].abs().min() > t[~kept].abs().max()
     assert torch.equal(prune_top_magnitude(t, 1.0), t)
 
-    model = upscale(pool, shared_router=True, keep_ratio=0.1)
+    model = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
     tau = pool.task_vector("task1")["transformer.resblocks.1.mlp.c_fc.weight"]
     threshold = tau.abs().flatten().sort(descending=True).values[math.ceil(0.1 * tau.numel()) - 1]
     expected = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
@@ -206,14 +206,14 @@ def test_e_wemoe_keeps_exact_top_fraction(pool):
 def test_merged_state_is_used_outside_the_mlps(pool):
     theta0 = pool.pretrained_state()
     merged = {k: v + 1.0 if v.is_floating_point() else v for k, v in theta0.items()}
-    model = upscale(pool, merged_state=merged)
+    model = WEMoEModel(pool, base_state=merged)
     assert torch.equal(model.encoder.conv1.weight, merged["conv1.weight"])
     assert torch.equal(
         model.encoder.transformer.resblocks[0].ln_2.bias, merged["transformer.resblocks.0.ln_2.bias"]
     )
     assert torch.equal(model.mlps[0].w0_fc, theta0["transformer.resblocks.0.mlp.c_fc.weight"])
     with pytest.raises(Exception, match="merged_state"):
-        upscale(pool, merged_state={k: v for k, v in merged.items() if k != "proj"})
+        WEMoEModel(pool, base_state={k: v for k, v in merged.items() if k != "proj"})
 
 
 def pool_over(enc, num_tasks=2, seed=5):
@@ -234,7 +234,7 @@ def test_sequence_first_layout():
         b.attn.batch_first = False
     x = images(3)
     torch.testing.assert_close(seq_enc(x), enc(x))  # same network, other layout
-    models = [upscale(pool_over(e)) for e in (enc, seq_enc)]
+    models = [WEMoEModel(pool_over(e)) for e in (enc, seq_enc)]
     randomise_routers(models[0])
     models[1].load_state_dict(models[0].state_dict())
     assert models[0].config["batch_first"] is True and models[1].config["batch_first"] is False
@@ -250,7 +250,7 @@ def test_mlp_with_norm_inside_is_kept():
         image_size=16, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16, scale_fc=True
     ).eval()
     pool = pool_over(enc)
-    model = upscale(pool)
+    model = WEMoEModel(pool)
     assert isinstance(model.mlps[0].middle[1], nn.LayerNorm)
     randomise_routers(model)
     x = images(3)
@@ -261,8 +261,8 @@ def test_mlp_with_norm_inside_is_kept():
 
 
 def test_bfloat16_task_vectors_stay_close(pool):
-    full = upscale(pool)
-    half = upscale(pool, tau_dtype=torch.bfloat16)
+    full = WEMoEModel(pool)
+    half = WEMoEModel(pool, tau_dtype="bfloat16")
     half.load_state_dict(full.state_dict())
     assert half.mlps[0].tau_w_fc.dtype == torch.bfloat16
     torch.testing.assert_close(half(images()), full(images()), atol=2e-2, rtol=2e-2)
@@ -284,21 +284,21 @@ def test_errors(pool):
     broken.transformer.resblocks[1].mlp = nn.Sequential(nn.Linear(32, 32))
     bad_pool = ModelPool(broken, {"a": broken.state_dict()}, {"a": torch.eye(16)[:2]})
     with pytest.raises(WEMoEError, match=r"transformer\.resblocks\.1.*no recognisable MLP"):
-        upscale(bad_pool)
+        WEMoEModel(bad_pool)
     with pytest.raises(WEMoEError, match="no transformer.resblocks"):
-        upscale(ModelPool(nn.Linear(2, 2), {"a": nn.Linear(2, 2).state_dict()}, {"a": torch.eye(2)}))
+        WEMoEModel(ModelPool(nn.Linear(2, 2), {"a": nn.Linear(2, 2).state_dict()}, {"a": torch.eye(2)}))
     with pytest.raises(WEMoEError, match="keep_ratio"):
-        upscale(pool, keep_ratio=0.0)
+        WEMoEModel(pool, keep_ratio=0.0)
     with pytest.raises(WEMoEError, match="router_hidden_layers"):
-        upscale(pool, router_hidden_layers=-1)
-    three = upscale(pool)
-    two = upscale(pool, tasks=["task0", "task2"])
+        WEMoEModel(pool, router_hidden_layers=-1)
+    three = WEMoEModel(pool)
+    two = WEMoEModel(pool, tasks=["task0", "task2"])
     with pytest.raises(WEMoEError, match="2 outputs .* merges 3"):
         three.load_state_dict(two.state_dict())
     with pytest.raises(WEMoEError, match="1 router"):
-        three.load_state_dict(upscale(pool, shared_router=True).state_dict())
+        three.load_state_dict(WEMoEModel(pool, shared_router=True).state_dict())
     with pytest.raises(ValueError, match="unknown"):
-        upscale(pool, tasks=["unknown"])
+        WEMoEModel(pool, tasks=["unknown"])
 
 
 @pytest.mark.slow
@@ -319,8 +319,8 @@ def test_vit_b32_eight_task_trainable_counts():
     )
     d, L, K = enc.transformer.width, len(enc.transformer.resblocks), 8
     router = d * d + d + d * K + K
-    wemoe = upscale(pool)
+    wemoe = WEMoEModel(pool)
     assert wemoe.trainable_parameter_count() == L * router == 7_160_928
     del wemoe
-    e_wemoe = upscale(pool, shared_router=True, keep_ratio=0.1)
+    e_wemoe = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
     assert e_wemoe.trainable_parameter_count() == router == 596_744

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -13,8 +14,10 @@ from safetensors.torch import load_file, save_file
 from test_data_datamodule import TinySource
 
 from adamerge.components.losses import entropy
+from adamerge.components.wemoe import WEMoEModel
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.systems.base import CheckpointMismatchError
+from adamerge.systems.base_merge import base_merge_state
 from adamerge.systems.wemoe import WEMoE, load_wemoe
 
 
@@ -32,12 +35,12 @@ def test_defaults_and_learnable_parameters():
     assert sum(v.numel() for v in learnable.values()) == system.model.trainable_parameter_count()
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}
     assert trainable == set(learnable)
-    e = WEMoE(pool, shared_router=True, keep_ratio=0.1, chunk_size=3, impl="experts")  # E-WEMoE is a config
+    e = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, chunk_size=3, impl="experts"))  # E-WEMoE is a config
     assert len(e.model.routers) == 1 and e.model.config["keep_ratio"] == 0.1
     assert (e.method_label, system.method_label) == ("E-WEMoE", "WEMoE")
     assert e.model.mlps[0].chunk_size == 3 and e.model.mlps[1].impl == "experts"
     with pytest.raises(ValueError, match="tau_dtype"):
-        WEMoE(pool, tau_dtype="int8")
+        WEMoE(pool, model=partial(WEMoEModel, tau_dtype="int8"))
 
 
 def test_training_step_reduces_over_the_batch_and_evaluation_does_not():
@@ -53,7 +56,7 @@ def test_training_step_reduces_over_the_batch_and_evaluation_does_not():
     torch.testing.assert_close(loss, expected)
     system.task_logits("task0", images(4))
     assert system.model.mlps[0].last_weights.shape == (4, 3)  # per sample outside training
-    no_reduce = WEMoE(pool, batch_reduce=False)
+    no_reduce = WEMoE(pool, model=partial(WEMoEModel, batch_reduce=False))
     no_reduce.log = system.log
     no_reduce.training_step(batch, 0)
     assert no_reduce.model.mlps[0].last_weights.shape == (4, 3)
@@ -94,7 +97,7 @@ def test_fit_checkpoints_routers_only_and_exports_a_rebuildable_model(tmp_path):
 
 def test_export_round_trip_with_shared_router_and_bfloat16(tmp_path):
     pool = make_tiny_pool()
-    system = WEMoE(pool, shared_router=True, keep_ratio=0.1, tau_dtype="bfloat16")
+    system = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, tau_dtype="bfloat16"))
     with torch.no_grad():
         for p in system.model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -110,11 +113,11 @@ def test_export_round_trip_with_shared_router_and_bfloat16(tmp_path):
 def test_resume_with_other_router_layout_or_tasks_is_refused(tmp_path):
     pool = make_tiny_pool()
     path = fit(tmp_path, WEMoE(pool), limit_val_batches=0)
-    shared = WEMoE(pool, shared_router=True)
+    shared = WEMoE(pool, model=partial(WEMoEModel, shared_router=True))
     dm = TestTimeDataModule(TinySource(n=8), batch_size=4)
     with pytest.raises(CheckpointMismatchError, match="router"):
         trainer(tmp_path, max_steps=4).fit(shared, dm, ckpt_path=path)
-    deeper = WEMoE(pool, router_hidden_layers=2)
+    deeper = WEMoE(pool, model=partial(WEMoEModel, router_hidden_layers=2))
     with pytest.raises(CheckpointMismatchError, match="router_hidden_layers"):
         deeper.on_load_checkpoint(torch.load(path, weights_only=False))
     two = WEMoE(pool, tasks=["task0", "task1"])
@@ -146,9 +149,7 @@ def test_base_merge_file_sets_the_non_mlp_weights(tmp_path):
 
 def test_default_base_is_the_papers_task_arithmetic_outside_the_mlps():
     pool = make_tiny_pool()
-    from adamerge.components.wemoe import upscale
-
-    direct = upscale(pool, scaling_factor=0.3)  # the component's own task arithmetic
-    system = WEMoE(pool)
+    direct = WEMoEModel(pool, base_state=base_merge_state(pool, {"method": "task_arithmetic", "lam": 0.3}))
+    system = WEMoE(pool)  # the component's own one-pass task arithmetic
     for name, buf in direct.encoder.state_dict().items():
         torch.testing.assert_close(system.model.encoder.state_dict()[name], buf, rtol=0, atol=1e-6)

@@ -62,10 +62,10 @@ __all__ = [
     "find_mlp_blocks",
     "params_to_buffers",
     "prune_top_magnitude",
-    "upscale",
 ]
 
 Impl = Literal["weights", "experts"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LINEARS = ("fc", "proj")
 
 
@@ -265,28 +265,85 @@ class WeightEnsemblingMLP(nn.Module):
 
 
 class WEMoEModel(nn.Module):
-    """An upscaled encoder: ``forward(images) -> features``; only ``routers`` are parameters.
+    """An encoder upscaled with weight-ensembling MLPs: ``forward(images) -> features``; only the
+    routers are parameters.
+
+    Built from a pool: every block's MLP becomes W_0 + Σ_k r_k(x) τ_k (the K experts' MLP task
+    vectors stacked, optionally pruned), the other parameters come from ``base_state`` (default
+    the paper's task arithmetic, θ_0 + 0.3 Σ_k τ_k, computed in the same pass over the experts).
 
     Args:
-        encoder: the encoder whose blocks' ``mlp`` are :class:`WeightEnsemblingMLP` (frozen buffers).
-        routers: one router per block, or a single router shared by all blocks.
-        tasks: task names, in the order of the experts (router outputs).
-        config: how the model was built (recorded in exports).
+        pool: the model pool (θ_0, experts); task vectors are streamed one expert at a time.
+        tasks: the experts to merge (default: all of the pool's tasks, in its order).
+        base_state: a merged encoder state to take the non-MLP parameters from (its MLP entries are
+            ignored: W_0 is always θ_0's MLP); None: task arithmetic with λ = 0.3.
+        init_lambda: the routers' last bias (initial routing weight of every expert).
+        router_hidden_layers: hidden Linear(d, d) → ReLU stages per router: 0 (linear router),
+            1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
+        shared_router: one router for all blocks (E-WEMoE) instead of one per block.
+        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
+        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
+        impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
+            through the K task vectors); see :func:`ensemble_linear`.
+        chunk_size: merge per-sample weights for at most this many samples at a time (bounds the
+            transient memory, chunk_size × the MLP's weights per linear); None: the whole batch.
+        batch_reduce: while training, average the routing weights over each task's batch (one merge
+            per batch, the FusionBench default); evaluation always merges per sample.
     """
 
     def __init__(
-        self, encoder: nn.Module, routers: nn.ModuleList, tasks: Sequence[str], config: Mapping
+        self,
+        pool,
+        tasks: Sequence[str] | None = None,
+        base_state: Mapping[str, Tensor] | None = None,
+        init_lambda: float = 0.3,
+        router_hidden_layers: int = 1,
+        shared_router: bool = False,
+        keep_ratio: float = 1.0,
+        tau_dtype: str = "float32",
+        impl: Impl = "weights",
+        chunk_size: int | None = None,
+        batch_reduce: bool = True,
     ) -> None:
         super().__init__()
+        if tau_dtype not in DTYPES:
+            raise WEMoEError(f"tau_dtype must be one of {sorted(DTYPES)}, got {tau_dtype!r}")
+        encoder, taus, tasks, config = _upscale(
+            pool, tasks, base_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, DTYPES[tau_dtype]
+        )
+        self._setup(*_attach_routers(encoder, taus, tasks, config))
+        self.set_impl(impl)
+        self.set_chunk_size(chunk_size)
+        self.batch_reduce = bool(batch_reduce)
+
+    @classmethod
+    def from_parts(
+        cls, encoder: nn.Module, routers: nn.ModuleList, tasks: Sequence[str], config: Mapping
+    ) -> WEMoEModel:
+        """Wrap an already upscaled ``encoder`` (blocks' ``mlp`` are :class:`WeightEnsemblingMLP`)."""
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._setup(encoder, routers, tasks, config)
+        model.batch_reduce = True
+        return model
+
+    @property
+    def label(self) -> str:
+        """``E-WEMoE`` for its configuration (one shared router over pruned MLP task vectors), else ``WEMoE``."""
+        return "E-WEMoE" if self.config["shared_router"] and self.config["keep_ratio"] < 1.0 else "WEMoE"
+
+    def identity(self) -> dict:
+        """What the routers mean (compared when a run is resumed)."""
+        return {k: self.config[k] for k in ("router_hidden_layers", "shared_router", "keep_ratio", "init_lambda")}
+
+    def _setup(self, encoder: nn.Module, routers: nn.ModuleList, tasks: Sequence[str], config: Mapping) -> None:
         self.encoder = encoder
         self.routers = routers
         self.tasks = list(tasks)
         self.config = dict(config)
         self.mlps = [b.mlp for b in encoder.transformer.resblocks]
         if not all(isinstance(m, WeightEnsemblingMLP) for m in self.mlps):
-            raise WEMoEError(
-                "every block's mlp must be a WeightEnsemblingMLP (build the model with upscale())"
-            )
+            raise WEMoEError("every block's mlp must be a WeightEnsemblingMLP")
         if len(routers) not in (1, len(self.mlps)):
             raise WEMoEError(
                 f"got {len(routers)} routers for {len(self.mlps)} blocks (expected 1 or {len(self.mlps)})"
@@ -363,6 +420,17 @@ def assemble(
     tasks: Sequence[str],
     config: Mapping,
 ) -> WEMoEModel:
+    """A :class:`WEMoEModel` around ``encoder`` (modified in place) and its blocks' stacked MLP τ
+    (see :func:`_attach_routers`); used to rebuild exported models."""
+    return WEMoEModel.from_parts(*_attach_routers(encoder, taus, tasks, config))
+
+
+def _attach_routers(
+    encoder: nn.Module,
+    taus: Mapping[str, Mapping[str, tuple[Tensor, Tensor]]],
+    tasks: Sequence[str],
+    config: Mapping,
+) -> tuple[nn.Module, nn.ModuleList, list[str], dict]:
     """Upscale ``encoder`` (modified in place: pass your own copy) given its blocks' stacked MLP τ.
 
     Args:
@@ -386,34 +454,13 @@ def assemble(
         router = routers[0] if config["shared_router"] else routers[i]
         block.mlp = WeightEnsemblingMLP(block.mlp, taus[name], router, batch_first=batch_first)
     params_to_buffers(encoder)
-    return WEMoEModel(encoder, routers, tasks, {**config, "batch_first": batch_first})
+    return encoder, routers, list(tasks), {**config, "batch_first": batch_first}
 
 
-def upscale(
-    pool,
-    tasks: Sequence[str] | None = None,
-    init_lambda: float = 0.3,
-    scaling_factor: float = 0.3,
-    merged_state: Mapping[str, Tensor] | None = None,
-    router_hidden_layers: int = 1,
-    shared_router: bool = False,
-    keep_ratio: float = 1.0,
-    tau_dtype: torch.dtype | None = None,
-) -> WEMoEModel:
-    """Build a WEMoE model from a :class:`~adamerge.models.pool.ModelPool` (the pool is not modified).
-
-    Args:
-        pool: the model pool (θ_0, experts); task vectors are streamed one expert at a time.
-        tasks: the experts to merge (default: all of the pool's tasks, in its order).
-        init_lambda: the routers' last bias (initial routing weight of every expert).
-        scaling_factor: λ of the task arithmetic applied to the non-MLP parameters.
-        merged_state: a merged state dict to take the non-MLP parameters from instead (e.g. the result
-            of AdaMerging); its MLP entries are ignored (W_0 is always θ_0's MLP).
-        router_hidden_layers: hidden Linear(d, d) → ReLU stages per router (1 = paper).
-        shared_router: one router for all blocks (E-WEMoE).
-        keep_ratio: fraction of each MLP τ tensor's largest magnitudes kept (E-WEMoE: 0.1; 1 = all).
-        tau_dtype: storage dtype of the MLP task vectors (e.g. ``torch.bfloat16``; default θ_0's).
-    """
+def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, tau_dtype):
+    """(encoder with θ_0's MLPs and the merged other weights, stacked MLP τ per block, tasks, config):
+    one streamed pass over the experts (see :class:`WEMoEModel` for the arguments)."""
+    scaling_factor = 0.3  # the paper's task arithmetic for the non-MLP weights when no merged_state
     tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
     prune_top_magnitude(torch.zeros(1), keep_ratio)  # validate cheap arguments before any heavy work
     build_router(1, len(tasks), router_hidden_layers, init_lambda)
@@ -450,4 +497,4 @@ def upscale(
         "tau_dtype": str(next(iter(stacks.values())).dtype).replace("torch.", ""),
         "pool": getattr(pool, "name", "pool"),
     }
-    return assemble(pool.build_encoder(state), taus, tasks, config)
+    return pool.build_encoder(state), taus, tasks, config

@@ -159,9 +159,15 @@ class TestTimeSystem(L.LightningModule):
         self.last_metrics_step: int | None = None  # global step of the validation behind last_metrics
         self._built_component = model is not None
         if model is not None:
-            self.model = model(pool, list(self.tasks))
+            self.use_component(model(pool, list(self.tasks)))
             if not isinstance(self.model, nn.Module):
                 raise TypeError(f"model must build an nn.Module, got {type(self.model).__name__}")
+
+    def use_component(self, module: nn.Module) -> None:
+        """Make ``module`` this system's component (``self.model``): its label, identity and
+        ``merged_state_dict`` are used (for systems that build their component themselves)."""
+        self.model = module
+        self._built_component = True
 
     @property
     def component(self) -> nn.Module | None:

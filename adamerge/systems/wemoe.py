@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from adamerge.components.wemoe import LINEARS, WEMoEError, WEMoEModel, assemble, find_mlp_blocks, upscale
+from adamerge.components.wemoe import LINEARS, WEMoEError, WEMoEModel, assemble, find_mlp_blocks
 from adamerge.files import atomic_path, write_text
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem
@@ -38,8 +39,6 @@ from adamerge.systems.base_merge import BaseMerge, base_merge_state, is_path
 __all__ = ["WEMoE", "load_wemoe", "save_wemoe", "wemoe_optimizer"]
 
 _PREFIX = "model."
-_PAPER_BASE = {"method": "task_arithmetic", "lam": 0.3}  # non-MLP weights: task arithmetic, λ = 0.3
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def wemoe_optimizer(params) -> torch.optim.Optimizer:
@@ -53,74 +52,40 @@ class WEMoE(TestTimeSystem):
     Args:
         pool: the model pool (pretrained encoder, experts, zero-shot heads).
         tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
-        init_lambda: initial routing weight of every expert (the routers' last bias).
-        base_merge: where the non-MLP parameters come from (the paper: task arithmetic, λ = 0.3):
-            a static method name, a mapping ``{method: task_arithmetic, lam: 0.3}``, or the path of a
-            merged image-encoder state dict (e.g. an AdaMerging run's ``merged.safetensors``); see
-            :mod:`adamerge.systems.base_merge`.
-        router_hidden_layers: hidden Linear(d, d) → ReLU stages per router: 0 (linear router),
-            1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
-        shared_router: one router for all blocks (E-WEMoE) instead of one per block.
-        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
-        batch_reduce: while training, average the routing weights over each task's batch (one merge
-            per batch); evaluation always merges per sample.
-        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
-        impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
-            through the K task vectors); see ``adamerge.components.wemoe.ensemble_linear``.
-        chunk_size: merge per-sample weights for at most this many samples at a time (bounds the
-            transient memory, chunk_size × the MLP's weights per linear); None: the whole batch.
+        base_merge: where the non-MLP parameters come from: a static method name, a mapping
+            ``{method: ties, keep: 0.2, lam: 0.3}``, or the path of a merged image-encoder state dict
+            (e.g. an AdaMerging run's ``merged.safetensors``), see :mod:`adamerge.systems.base_merge`;
+            None: the paper's task arithmetic, λ = 0.3, computed in the component's one pass.
+        model: the upscaled model, ``class_path: adamerge.components.wemoe.WEMoEModel`` with its
+            ``init_args`` (router layout, pruning, storage dtype, evaluation; documented there).
+            E-WEMoE is its configuration ``shared_router: true, keep_ratio: 0.1``.
         optimizer: optimizer for the routers (default Adam, lr 1e-4).
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
     """
-
-    identity = ("base_merge", "router_hidden_layers", "shared_router", "keep_ratio")
 
     def __init__(
         self,
         pool: ModelPool,
         tasks: list[str] | None = None,
-        init_lambda: float = 0.3,
-        base_merge: BaseMerge = _PAPER_BASE,
-        router_hidden_layers: int = 1,
-        shared_router: bool = False,
-        keep_ratio: float = 1.0,
-        batch_reduce: bool = True,
-        tau_dtype: str = "float32",
-        impl: str = "weights",
-        chunk_size: int | None = None,
+        base_merge: BaseMerge | None = None,
+        model: Callable[[ModelPool, list[str], Mapping[str, Tensor] | None], WEMoEModel] | None = None,
         optimizer: OptimizerCallable = wemoe_optimizer,
         export_dir: str | None = None,
     ) -> None:
         super().__init__(pool, tasks, optimizer, export_dir)
-        if tau_dtype not in _DTYPES:
-            raise ValueError(f"tau_dtype must be one of {sorted(_DTYPES)}, got {tau_dtype!r}")
-        self.model = upscale(
-            pool,
-            self.tasks,
-            init_lambda=init_lambda,
-            merged_state=base_merge_state(pool, base_merge, self.tasks),
-            router_hidden_layers=router_hidden_layers,
-            shared_router=shared_router,
-            keep_ratio=keep_ratio,
-            tau_dtype=_DTYPES[tau_dtype],
-        )
+        base = None if base_merge is None else base_merge_state(pool, base_merge, self.tasks)
+        self.use_component((model or WEMoEModel)(pool, self.tasks, base))
+        self.base_merge = base_merge
         self.model.config["base_merge"] = str(base_merge) if is_path(base_merge) else base_merge
-        self.model.set_impl(impl)
-        self.model.set_chunk_size(chunk_size)
-        self.batch_reduce = bool(batch_reduce)
 
-    @property
-    def method_label(self) -> str:
-        """``E-WEMoE`` for its configuration (one shared router over pruned MLP task vectors,
-        ``configs/method/ewemoe.yaml``), else ``WEMoE``."""
-        efficient = self.hparams.get("shared_router") and self.hparams.get("keep_ratio", 1.0) < 1.0
-        return "E-WEMoE" if efficient else "WEMoE"
+    def method_identity(self) -> dict:
+        return {**super().method_identity(), "base_merge": self.model.config["base_merge"]}
 
     def task_logits(self, task: str, images: Tensor) -> Tensor:
         return self.logits(task, self.model(images))
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        self.model.set_batch_reduce(self.batch_reduce)
+        self.model.set_batch_reduce(self.model.batch_reduce)
         try:
             return super().training_step(batch, batch_idx)
         finally:
