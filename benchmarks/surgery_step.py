@@ -73,15 +73,20 @@ def random_pool(model: str, num_tasks: int, scale: float = 1e-3):
 
 
 def build_system(method: str, pool, expert_dtype: str):
+    from functools import partial
+
     if method == "adamerging":
+        from adamerge.components.adamerging import AdaMergingModel
         from adamerge.systems.adamerging import AdaMerging
 
-        return AdaMerging(pool, granularity="layer")
+        return AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer"))
+    from adamerge.components.surgery import SurgeryModel
     from adamerge.systems.surgery import Surgery
 
     version = method.split("_")[1]
-    return Surgery(pool, version=version, rank=16, base_merge={"method": "task_arithmetic", "lam": 0.3},
-                   expert_dtype=expert_dtype, export_merged=False)
+    return Surgery(pool, base_merge={"method": "task_arithmetic", "lam": 0.3},
+                   model=partial(SurgeryModel, version=version, rank=16), expert_dtype=expert_dtype,
+                   export_merged=False)
 
 
 def _rss_kb(field: str) -> int | None:

@@ -13,6 +13,7 @@ from conftest import make_tiny_pool
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
+from adamerge.components.surgery import SurgeryModel
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.merging.task_vectors import MergeError, add_task_vector, sum_task_vectors
 from adamerge.systems.base import CheckpointMismatchError
@@ -69,7 +70,7 @@ def _trainer(tmp_path, steps: int, **kw) -> L.Trainer:
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_loss_and_logits_match_written_out_computations_at_init(version):
     pool = make_tiny_pool()
-    system = Surgery(pool, version=version, rank=4, base_merge={"method": "task_arithmetic", "lam": 0.3})
+    system = Surgery(pool, base_merge={"method": "task_arithmetic", "lam": 0.3}, model=partial(SurgeryModel, version=version, rank=4))
     merged = pool.build_encoder(_ta_state(pool))
     x = _images()
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_loss_and_logits_match_written_out_computations_at_init(version):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_fit_trains_only_aligners_and_pulls_features_toward_the_expert(tmp_path, version):
     pool = make_tiny_pool(scale=0.2)
-    system = Surgery(pool, version=version, rank=8, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    system = Surgery(pool, optimizer=partial(torch.optim.Adam, lr=1e-2), model=partial(SurgeryModel, version=version, rank=8))
     frozen_before = {k: v.clone() for k, v in system.model.encoder.state_dict().items()}
     x = _images(16, seed=5)
     with torch.no_grad():
@@ -106,7 +107,7 @@ def test_fit_trains_only_aligners_and_pulls_features_toward_the_expert(tmp_path,
 
 def test_checkpoint_holds_only_aligners_and_refuses_other_shapes(tmp_path):
     pool = make_tiny_pool()
-    system = Surgery(pool, version="v2", rank=4)
+    system = Surgery(pool, model=partial(SurgeryModel, version="v2", rank=4))
     dm = TestTimeDataModule(_TinySource(), batch_size=4, steps_per_epoch=2)
     trainer = _trainer(tmp_path, steps=2)
     trainer.fit(system, datamodule=dm)
@@ -115,23 +116,23 @@ def test_checkpoint_holds_only_aligners_and_refuses_other_shapes(tmp_path):
     ckpt = torch.load(path, weights_only=False)
     assert set(ckpt["state_dict"]) == {n for n, _ in system.named_parameters()}
     assert sum(v.numel() for v in ckpt["state_dict"].values()) == system.model.trainable_parameter_count()
-    fresh = Surgery(pool, version="v2", rank=4)
+    fresh = Surgery(pool, model=partial(SurgeryModel, version="v2", rank=4))
     fresh.on_load_checkpoint(ckpt)
     fresh.load_state_dict(ckpt["state_dict"])
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(fresh.task_logits("task1", x), system.task_logits("task1", x))
     with pytest.raises(CheckpointMismatchError, match="method.version = 'v2', this run has 'v1'"):
-        Surgery(pool, version="v1", rank=4).on_load_checkpoint(ckpt)
+        Surgery(pool, model=partial(SurgeryModel, version="v1", rank=4)).on_load_checkpoint(ckpt)
     with pytest.raises(CheckpointMismatchError, match="method.rank = 4, this run has 8"):
-        Surgery(pool, version="v2", rank=8).on_load_checkpoint(ckpt)
+        Surgery(pool, model=partial(SurgeryModel, version="v2", rank=8)).on_load_checkpoint(ckpt)
     with pytest.raises(CheckpointMismatchError, match="tasks"):
-        Surgery(pool, tasks=["task0", "task1"], version="v2", rank=4).on_load_checkpoint(ckpt)
+        Surgery(pool, tasks=["task0", "task1"], model=partial(SurgeryModel, version="v2", rank=4)).on_load_checkpoint(ckpt)
 
 
 def test_export_writes_aligners_metadata_and_merged_model_that_load_back(tmp_path):
     pool = make_tiny_pool()
-    system = Surgery(pool, version="v2", rank=4, export_dir=str(tmp_path / "out"))
+    system = Surgery(pool, export_dir=str(tmp_path / "out"), model=partial(SurgeryModel, version="v2", rank=4))
     with torch.no_grad():
         for p in system.parameters():
             p.normal_(0, 0.1)
@@ -142,15 +143,15 @@ def test_export_writes_aligners_metadata_and_merged_model_that_load_back(tmp_pat
     merged = load_file(str(tmp_path / "out" / "merged.safetensors"))
     ref = _ta_state(pool)
     assert all(torch.allclose(merged[k], ref[k], atol=1e-6) for k in ref)
-    fresh = Surgery(pool, version="v2", rank=4, base_merge=str(tmp_path / "out" / "merged.safetensors"))
+    fresh = Surgery(pool, base_merge=str(tmp_path / "out" / "merged.safetensors"), model=partial(SurgeryModel, version="v2", rank=4))
     fresh.load_aligners(tmp_path / "out" / "learned.safetensors")
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(fresh.task_logits("task2", x), system.task_logits("task2", x))
     with pytest.raises(ValueError, match="not in this model"):
-        Surgery(pool, version="v1", rank=4).load_aligners(tmp_path / "out" / "learned.safetensors")
+        Surgery(pool, model=partial(SurgeryModel, version="v1", rank=4)).load_aligners(tmp_path / "out" / "learned.safetensors")
     with pytest.raises(ValueError, match="tasks"):
-        Surgery(pool, tasks=["task0"], version="v2", rank=4).load_aligners(tmp_path / "out" / "learned.safetensors")
+        Surgery(pool, tasks=["task0"], model=partial(SurgeryModel, version="v2", rank=4)).load_aligners(tmp_path / "out" / "learned.safetensors")
 
 
 def test_base_merge_from_an_adamerging_style_export(tmp_path):
@@ -158,7 +159,7 @@ def test_base_merge_from_an_adamerging_style_export(tmp_path):
     state = {k: 0.5 * v for k, v in pool.expert_state("task0").items()}
     path = tmp_path / "merged.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    system = Surgery(pool, version="v1", rank=4, base_merge=str(path))
+    system = Surgery(pool, base_merge=str(path), model=partial(SurgeryModel, version="v1", rank=4))
     x = _images()
     with torch.no_grad():
         f = pool.build_encoder(state)(x)
@@ -169,8 +170,8 @@ def test_half_precision_experts_give_a_close_loss():
     pool = make_tiny_pool(scale=0.2)
     x = _images()
     with torch.no_grad():
-        full = Surgery(pool, version="v2", rank=4).adaptation_loss("task1", x)
-        half = Surgery(pool, version="v2", rank=4, expert_dtype="bfloat16", cache_experts=False)
+        full = Surgery(pool, model=partial(SurgeryModel, version="v2", rank=4)).adaptation_loss("task1", x)
+        half = Surgery(pool, expert_dtype="bfloat16", cache_experts=False, model=partial(SurgeryModel, version="v2", rank=4))
         torch.testing.assert_close(half.adaptation_loss("task1", x), full, rtol=0.05, atol=0.01)
 
 
@@ -179,9 +180,9 @@ def test_bad_configuration_is_refused_before_training():
     with pytest.raises(ValueError, match="expert_dtype"):
         Surgery(pool, expert_dtype="int8")
     with pytest.raises(ValueError, match="rank must be at least 1"):
-        Surgery(pool, rank=0)
+        Surgery(pool, model=partial(SurgeryModel, rank=0))
     with pytest.raises(ValueError, match="unknown surgery version"):
-        Surgery(pool, version="v3")
+        Surgery(pool, model=partial(SurgeryModel, version="v3"))
     with pytest.raises(MergeError, match="unknown merging method 'nope'"):
         Surgery(pool, base_merge="nope")
     with pytest.raises(Exception, match="not found|does not exist"):
@@ -190,20 +191,20 @@ def test_bad_configuration_is_refused_before_training():
         Surgery(pool, tasks=["mnist"])
 
 
-def test_v2_on_a_pool_whose_encoder_has_no_blocks_is_refused_before_merging():
+def test_v2_on_a_pool_whose_encoder_has_no_blocks_is_refused():
     from adamerge.models.pool import ModelPool
 
     enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
     state = {k: v + 0.1 for k, v in enc.state_dict().items()}
     pool = ModelPool(enc, {"a": state}, {"a": F.normalize(torch.randn(3, 8), dim=-1)})
     with pytest.raises(TypeError, match="transformer.resblocks"):
-        Surgery(pool, version="v2", base_merge="/no/such/file.safetensors")  # the merge is never reached
+        Surgery(pool, model=partial(SurgeryModel, version="v2"))
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_batched_step_losses_equal_per_task_losses(version):
     pool = make_tiny_pool(scale=0.2)
-    system = Surgery(pool, version=version, rank=4)
+    system = Surgery(pool, model=partial(SurgeryModel, version=version, rank=4))
     with torch.no_grad():
         for p in system.parameters():
             p.normal_(0, 0.1)
@@ -217,9 +218,9 @@ def test_resuming_from_a_checkpoint_of_another_version_fails_before_training(tmp
     pool = make_tiny_pool()
     dm = TestTimeDataModule(_TinySource(), batch_size=4, steps_per_epoch=2)
     trainer = _trainer(tmp_path, steps=2)
-    trainer.fit(Surgery(pool, version="v2", rank=4), datamodule=dm)
+    trainer.fit(Surgery(pool, model=partial(SurgeryModel, version="v2", rank=4)), datamodule=dm)
     trainer.save_checkpoint(tmp_path / "v2.ckpt")
-    v1 = Surgery(pool, version="v1", rank=4)
+    v1 = Surgery(pool, model=partial(SurgeryModel, version="v1", rank=4))
     before = {k: v.clone() for k, v in v1.state_dict().items()}
     with pytest.raises(CheckpointMismatchError, match="method.version = 'v2', this run has 'v1'"):
         _trainer(tmp_path, steps=4).fit(v1, datamodule=dm, ckpt_path=str(tmp_path / "v2.ckpt"))

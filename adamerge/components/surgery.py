@@ -199,8 +199,9 @@ class SurgeryModel(nn.Module):
     Args:
         encoder: any merged image encoder ``images -> [B, D]`` (never modified).
         tasks: task names, one set of aligners each.
-        rank: aligner bottleneck width r.
-        version: ``"v1"`` (final embedding) or ``"v2"`` (every transformer block + final embedding).
+        rank: aligner bottleneck width r (16 in the papers for ViT-B; 4 for ViT-L/14 in SurgeryV2).
+        version: ``"v1"`` (one aligner per task on the final embedding) or ``"v2"`` (one after every
+            transformer block, per token, plus the final embedding).
         feature_dim: embedding width D; read from ``encoder.output_dim`` / ``encoder.proj`` if omitted.
     """
 
@@ -220,6 +221,8 @@ class SurgeryModel(nn.Module):
             raise ValueError(f"duplicate task names in {tasks}")
         if version not in VERSIONS:
             raise ValueError(f"unknown surgery version {version!r}; expected one of {VERSIONS}")
+        if int(rank) < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
         self.tasks, self.version, self.rank = tasks, version, int(rank)
         frozen = freeze(copy.deepcopy(encoder).eval())
         self._frozen = [frozen]  # a list hides it from nn.Module registration
@@ -292,6 +295,15 @@ class SurgeryModel(nn.Module):
             t: AlignedFeatures(self.aligners[t](finals[k]), tuple(m[k] for m in split_means))
             for k, t in enumerate(tasks)
         }
+
+    @property
+    def label(self) -> str:
+        """``Surgery`` or ``SurgeryV2``."""
+        return "SurgeryV2" if self.version == "v2" else "Surgery"
+
+    def identity(self) -> dict:
+        """What the aligners mean (compared when a run is resumed)."""
+        return {"version": self.version, "rank": self.rank}
 
     def trainable_parameter_count(self) -> int:
         """Number of aligner parameters (everything that learns)."""

@@ -20,25 +20,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from safetensors.torch import load_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from adamerge.components.surgery import (
-    VERSIONS,
     ExpertFeatures,
     SurgeryModel,
     alignment_loss,
-    transformer_blocks,
 )
 from adamerge.files import write_text
-from adamerge.systems.base_merge import BaseMerge, base_merge_state
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
+from adamerge.systems.base_merge import BaseMerge, base_merge_state
 
 __all__ = ["EXPERT_DTYPES", "Surgery"]
 
@@ -52,13 +50,12 @@ class Surgery(TestTimeSystem):
     Args:
         pool: the model pool (pretrained encoder, experts, zero-shot heads).
         tasks: the tasks to align, in order; default all of the pool's tasks.
-        version: ``"v1"`` (one aligner per task on the final embedding) or ``"v2"`` (one after every
-            transformer block, per token, plus the final embedding).
-        rank: aligner bottleneck width r (16 in the papers for ViT-B; 4 for ViT-L/14 in SurgeryV2).
         base_merge: the merged model to operate on: a static method name for
             ``adamerge.merging.merge_pool`` (``task_arithmetic``, ``weight_average``, ``ties``, ``pcb``,
             ...), a mapping ``{method: ties, keep: 0.2, lam: 0.3}``, or the path of a merged image-encoder
             state dict (``.safetensors``, e.g. an AdaMerging run's ``merged.safetensors``).
+        model: the aligners, ``class_path: adamerge.components.surgery.SurgeryModel`` with its
+            ``init_args`` (``version``: v1 / v2, ``rank``; documented there); default v1, rank 16.
         expert_dtype: dtype the frozen experts run in: ``float32``, ``bfloat16`` or ``float16``
             (half the expert memory; ViT-B/32: 350 MB → 175 MB per expert).
         cache_experts: keep one built expert per task (fast); ``False`` rebuilds each expert from the
@@ -68,15 +65,12 @@ class Surgery(TestTimeSystem):
         export_dir: if set, aligners, metadata, merged model and ``metrics.json`` go here after fit.
     """
 
-    identity = ("version", "rank", "base_merge")
-
     def __init__(
         self,
         pool: ModelPool,
         tasks: list[str] | None = None,
-        version: str = "v1",
-        rank: int = 16,
         base_merge: BaseMerge = "task_arithmetic",
+        model: Callable[[nn.Module, list[str]], SurgeryModel] | None = None,
         expert_dtype: str = "float32",
         cache_experts: bool = True,
         export_merged: bool = True,
@@ -86,19 +80,17 @@ class Surgery(TestTimeSystem):
         super().__init__(pool, tasks, optimizer, export_dir)
         if expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"expert_dtype must be one of {sorted(EXPERT_DTYPES)}, got {expert_dtype!r}")
-        if int(rank) < 1:
-            raise ValueError(f"rank must be at least 1, got {rank}")
-        if version not in VERSIONS:
-            raise ValueError(f"unknown surgery version {version!r}; expected one of {VERSIONS}")
-        if version == "v2":
-            transformer_blocks(pool.encoder)  # can its blocks be hooked? (checked before the merge runs)
         self.base_merge = base_merge
         self.export_merged = export_merged
         encoder = pool.build_encoder(base_merge_state(pool, base_merge, self.tasks))
-        self.model = SurgeryModel(encoder, self.tasks, rank=rank, version=version)
+        self.use_component((model or SurgeryModel)(encoder, list(self.tasks)))
         self.experts = ExpertFeatures(
-            pool, self.tasks, with_blocks=version == "v2", dtype=EXPERT_DTYPES[expert_dtype], cache=cache_experts
+            pool, self.tasks, with_blocks=self.model.version == "v2", dtype=EXPERT_DTYPES[expert_dtype],
+            cache=cache_experts,
         )
+
+    def method_identity(self) -> dict:
+        return {**super().method_identity(), "base_merge": self.base_merge}
 
     @property
     def method_label(self) -> str:
@@ -113,7 +105,7 @@ class Surgery(TestTimeSystem):
             name = "AdaMerging"
         else:
             name = Path(str(base)).stem
-        return f"{'SurgeryV2' if self.hparams.get('version') == 'v2' else 'Surgery'} on {name}"
+        return f"{self.model.label} on {name}"
 
     # ---- forward and loss -------------------------------------------------------------------
     def task_logits(self, task: str, images: Tensor) -> Tensor:
