@@ -143,6 +143,8 @@ class AdaMergeCLI(LightningCLI):
         )
         # The task list comes from the data (after it is instantiated) and is never written twice.
         parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
+        # Class names and templates come from the data's task registry, so models/ needs none.
+        parser.link_arguments("data.task_info", "model.init_args.pool.init_args.task_info", apply_on="instantiate")
 
     def _parse_ckpt_path(self) -> None:
         """A checkpoint restores state, never configuration: Lightning's hparams merge is turned off."""
@@ -172,10 +174,10 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> AdaMergeCLI:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from adamerge.merging.task_vectors import MergeError
+    from adamerge.errors import AdaMergeError
     from adamerge.systems.runs import CheckpointMismatchError
 
-    return (MergeError, CheckpointMismatchError, RunExistsError, DuplicateKeyError, ConfigError, FileNotFoundError)
+    return (AdaMergeError, CheckpointMismatchError, RunExistsError, DuplicateKeyError, ConfigError, FileNotFoundError)
 
 
 def entry(args: Sequence[str] | None = None) -> None:

@@ -38,7 +38,9 @@ def test_a_crafted_checkpoint_changes_no_configuration_and_runs_no_code(tmp_path
     torch.save(_Touch(str(marker)), tmp_path / "expert.pt")
     ckpt["hyper_parameters"] = {  # what Lightning's CLI would merge into the configuration
         "_class_path": "adamerge.systems.adamerging.AdaMerging",
-        "granularity": "task", "export_dir": str(evil),
+        "model": {"class_path": "adamerge.components.adamerging.AdaMergingModel",
+                  "init_args": {"granularity": "task"}},
+        "export_dir": str(evil),
         "pool": {"class_path": "adamerge.models.open_clip_pool.OpenCLIPPool",
                  "init_args": {"model_name": "ViT-B-32", "pretrained": None, "allow_pickle": True,
                                "experts": {"mini_mnist": str(tmp_path / "expert.pt")}}},
@@ -49,7 +51,7 @@ def test_a_crafted_checkpoint_changes_no_configuration_and_runs_no_code(tmp_path
     resumed.mkdir()
     cli = main(cli_args(resumed, mini_tiny_cache, "--trainer.max_steps=2", f"--ckpt_path={tmp_path / 'crafted.ckpt'}"))
     assert not marker.exists() and not evil.exists()
-    assert isinstance(cli.model, AdaMerging) and cli.model.hparams["granularity"] == "layer"
+    assert isinstance(cli.model, AdaMerging) and cli.model.model.granularity == "layer"
     assert cli.model.export_dir == str(resumed / "export") and (resumed / "export" / "merged.safetensors").is_file()
     assert cli.trainer.global_step == 2
 

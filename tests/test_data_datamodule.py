@@ -78,6 +78,14 @@ def test_num_classes_prefers_the_source():
     assert TestTimeDataModule(Counted()).num_classes["task1"] == 10
 
 
+def test_task_info_is_the_registry_lookup_handed_to_pools():
+    from adamerge.data.registry import get_task
+
+    dm = TestTimeDataModule(TinySource())
+    assert dm.task_info is get_task
+    assert dm.task_info("mnist").classnames[:2] == ("0", "1")
+
+
 def test_train_stream_is_unlabeled_one_batch_per_task_and_shuffled_test_split():
     src = TinySource(n=24)
     dm = TestTimeDataModule(src, batch_size=4, steps_per_epoch=9)

@@ -351,3 +351,11 @@ def test_fast_finite_check_is_exact():
         check_finite({"a": torch.ones(2), "b": torch.tensor([0.0, float("nan")], dtype=torch.bfloat16)})
     with pytest.raises(MergeError, match="'c'.*Inf"):
         check_finite({"c": torch.tensor([float("inf"), -float("inf")])})
+
+
+def test_checkpoint_and_merge_errors_share_a_neutral_base_only():
+    from adamerge.errors import AdaMergeError
+
+    assert issubclass(CheckpointError, AdaMergeError) and issubclass(MergeError, AdaMergeError)
+    assert not issubclass(CheckpointError, MergeError) and not issubclass(MergeError, CheckpointError)
+    assert issubclass(AdaMergeError, ValueError)  # callers catching ValueError keep working

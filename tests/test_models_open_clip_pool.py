@@ -15,12 +15,12 @@ from open_clip import SimpleTokenizer
 from safetensors.torch import save_file
 from test_models_checkpoints import ImageEncoder, write_hf_folder
 
-from adamerge.data.registry import UnknownTaskError, register_task
+from adamerge.data.registry import UnknownTaskError, get_task, register_task
 from adamerge.merging.task_vectors import MergeError
 from adamerge.models.checkpoints import CheckpointError, PickledCheckpointError, read_state_dict
 from adamerge.models.export import export_merged
 from adamerge.models.heads import build_zero_shot_head
-from adamerge.models.open_clip_pool import OpenCLIPPool
+from adamerge.models.open_clip_pool import OpenCLIPPool, load_clip
 from adamerge.models.pool import ModelPool
 
 NAME = "adamerge-tiny-test"
@@ -70,7 +70,8 @@ def setup(tmp_path):
 
 
 def _pool(s, **kw):
-    args = {"model_name": NAME, "pretrained": s["pretrained"], "experts": s["files"], "model_config": s["cfg"]}
+    args = {"model_name": NAME, "pretrained": s["pretrained"], "experts": s["files"], "model_config": s["cfg"],
+            "task_info": get_task}
     return OpenCLIPPool(**{**args, **kw})
 
 
@@ -145,13 +146,35 @@ def test_local_dir_pretrained(setup):
     cfg = {"embed_dim": TINY_EMBED, "vision_cfg": TINY_VISION, "text_cfg": TINY_TEXT}
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     save_file(s["base"].state_dict(), str(folder / "open_clip_model.safetensors"))
-    pool = OpenCLIPPool(model_name=NAME, pretrained=f"local-dir:{folder}", experts=s["files"])
+    pool = OpenCLIPPool(model_name=NAME, pretrained=f"local-dir:{folder}", experts=s["files"], task_info=get_task)
     torch.testing.assert_close(pool.encoder(_images()), s["base"].visual(_images()), rtol=0, atol=0)
 
 
 def test_tasks_selects_and_orders_experts(setup):
     pool = _pool(setup, tasks=["tiny_digits", "tiny_colors"])
     assert pool.tasks == ["tiny_digits", "tiny_colors"]
+
+
+def test_class_names_and_templates_are_passed_in_not_looked_up(setup):
+    """task_info (a mapping or a lookup function) gives heads for tasks no registry knows."""
+    from types import SimpleNamespace
+
+    s = setup
+    infos = {"plain_colors": SimpleNamespace(classnames=("cyan", "magenta"), templates=("{} ink.",)),
+             "plain_shapes": SimpleNamespace(classnames=("cube", "cone", "ring"), templates=("a {}.", "one {}."))}
+    experts = {"plain_colors": s["files"]["tiny_colors"], "plain_shapes": s["files"]["tiny_shapes"]}
+    tok = SimpleTokenizer(context_length=TINY_TEXT["context_length"])
+    as_yaml = {t: {"classnames": list(i.classnames), "templates": list(i.templates)} for t, i in infos.items()}
+    for task_info in (infos, infos.__getitem__, as_yaml):
+        pool = _pool(s, experts=experts, task_info=task_info)
+        assert pool.tasks == ["plain_colors", "plain_shapes"]
+        for task, info in infos.items():
+            torch.testing.assert_close(pool.head(task), build_zero_shot_head(s["base"], tok, info.classnames,
+                                                                             info.templates))
+    with pytest.raises(ValueError, match="no class names for task 'tiny_colors'.*plain_colors, plain_shapes"):
+        _pool(s, task_info=infos)
+    with pytest.raises(TypeError, match="task_info must map task names"):
+        _pool(s, task_info=3)
 
 
 # ---- bad input -------------------------------------------------------------------------------------
@@ -268,10 +291,19 @@ def test_instantiable_as_class_path(setup):
     cfg = parser.parse_object({"pool": {
         "class_path": "adamerge.models.open_clip_pool.OpenCLIPPool",
         "init_args": {"model_name": NAME, "pretrained": s["pretrained"], "experts": s["files"],
-                      "model_config": s["cfg"], "tasks": ["tiny_colors"]},
+                      "model_config": s["cfg"], "tasks": ["tiny_colors"],
+                      "task_info": {t: {"classnames": c, "templates": p} for t, (c, p) in TASKS.items()}},
     }})
     pool = parser.instantiate(cfg).pool
     assert isinstance(pool, OpenCLIPPool) and pool.tasks == ["tiny_colors"]
+    # The lookup named by its import path, as a YAML config writes it.
+    cfg = parser.parse_object({"pool": {
+        "class_path": "adamerge.models.open_clip_pool.OpenCLIPPool",
+        "init_args": {"model_name": NAME, "pretrained": s["pretrained"], "experts": s["files"],
+                      "model_config": s["cfg"], "task_info": "adamerge.data.registry.get_task"},
+    }})
+    pool = parser.instantiate(cfg).pool
+    assert pool.tasks == list(TASKS)
 
 
 def test_streamed_experts_are_not_kept(setup, monkeypatch):
@@ -366,3 +398,14 @@ def test_hf_clip_model_conversion_matches_transformers_when_installed(tmp_path):
     back = make_tiny_clip(seed=9)
     back.load_state_dict(convert_hf_clip_state(hf.state_dict()), strict=True)
     torch.testing.assert_close(back.encode_text(tokens), clip.encode_text(tokens), rtol=0, atol=0)
+
+
+def test_no_false_random_init_warning_for_local_weights(setup, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        _pool(setup)
+    assert not [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # a genuinely random model still says so
+        load_clip(NAME, None)
+    assert [r for r in caplog.records if "No pretrained weights loaded" in r.getMessage()]

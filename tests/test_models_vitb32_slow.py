@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from adamerge.data.registry import get_task
 from adamerge.models.open_clip_pool import OpenCLIPPool
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def test_vit_b32_pool_and_export_round_trip(tmp_path):
 
     t0 = time.perf_counter()
     pool = OpenCLIPPool("ViT-B-32", str(pretrained), {"mnist": str(tmp_path / "mnist.safetensors"),
-                                                       "eurosat": str(tmp_path / "eurosat.pt")})
+                                                       "eurosat": str(tmp_path / "eurosat.pt")}, task_info=get_task)
     t_pool = time.perf_counter() - t0
     assert pool.head("mnist").shape == (10, 512) and pool.head("eurosat").shape == (10, 512)
 

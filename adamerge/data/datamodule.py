@@ -28,6 +28,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from adamerge.data.registry import TaskInfo, UnknownTaskError, get_task
 from adamerge.data.source import TaskSource, check_split
 
 __all__ = ["ImagesOnly", "StreamLoader", "StreamSampler", "TestTimeDataModule"]
@@ -142,8 +143,6 @@ def _count_classes(source: TaskSource, task: str, dataset: Dataset) -> int | Non
     classes = getattr(dataset, "classes", None)
     if classes is not None:
         return len(classes)
-    from adamerge.data.registry import UnknownTaskError, get_task
-
     try:
         return get_task(task).num_classes
     except UnknownTaskError:
@@ -212,6 +211,12 @@ class TestTimeDataModule(L.LightningDataModule):
         if len(ds) == 0:
             raise ValueError(f"task {task!r}: the {split!r} split is empty")
         return ds
+
+    @property
+    def task_info(self) -> Callable[[str], TaskInfo]:
+        """Each task's class names and templates (the task registry's :func:`get_task`), for the zero-shot
+        heads: the CLI links it into the model pool, so a loader never looks a task up itself."""
+        return get_task
 
     @property
     def num_classes(self) -> dict[str, int | None]:

@@ -1,9 +1,12 @@
 """Task registry: class names and zero-shot prompt templates per task.
 
 A task is known by a name (``"mnist"``, ``"eurosat"``, ...). Its class names and templates feed the
-zero-shot heads (:mod:`adamerge.models.heads`); its datasets come from a data source. The eight
-standard vision-merging tasks are registered by :mod:`adamerge.data.standard_tasks`; the mini
-benchmark registers its own; users add tasks with :func:`register_task`.
+zero-shot heads (:mod:`adamerge.models.heads`; a pool is handed :func:`get_task` or the
+:class:`TaskInfo` values, it never looks them up here itself); its datasets come from a data source.
+The eight standard vision-merging tasks (:mod:`adamerge.data.standard_tasks`) are registered when
+this module is imported; a benchmark registers its own tasks when it is imported (the mini
+benchmark: ``import adamerge.data.mini``), so the registry knows no benchmark; users add tasks with
+:func:`register_task`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["TaskInfo", "UnknownTaskError", "register_task", "get_task", "list_tasks", "check_tasks"]
+from adamerge.data.standard_tasks import CLASSNAMES, STANDARD_TASKS, TEMPLATES
+
+__all__ = ["TaskInfo", "UnknownTaskError", "check_tasks", "get_task", "list_tasks", "register_task"]
 
 
 class UnknownTaskError(KeyError):
@@ -63,15 +68,12 @@ def register_task(
     return info
 
 
-def _ensure_standard() -> None:
-    # Built-in tasks register on import: the eight standard ones and the mini benchmark's six.
-    from adamerge.data import standard_tasks  # noqa: F401
-    from adamerge.data.mini import tasks as _mini_tasks  # noqa: F401
+for _name in STANDARD_TASKS:
+    register_task(_name, CLASSNAMES[_name], TEMPLATES[_name])
 
 
 def get_task(name: str) -> TaskInfo:
     """The registered task ``name``; the error lists the known tasks."""
-    _ensure_standard()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -79,7 +81,6 @@ def get_task(name: str) -> TaskInfo:
 
 
 def list_tasks() -> list[str]:
-    _ensure_standard()
     return sorted(_REGISTRY)
 
 
@@ -90,7 +91,7 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
         raise ValueError("empty task list: name at least one task")
     dup = {t for t in tasks if tasks.count(t) > 1}
     if dup:
-        raise ValueError(f"task list names {sorted(dup)[0]!r} more than once")
+        raise ValueError(f"task list names {min(dup)!r} more than once")
     for t in tasks:
         get_task(t)
     return tasks

@@ -14,14 +14,13 @@ Class names and templates are those of the task_vectors repository (mlfoundation
 * EuroSAT: folder names mapped to the OpenAI CLIP prompt names (``AnnualCrop`` → ``annual crop land``);
 * GTSRB: OpenAI CLIP's prompt names; DTD: the 47 texture folders; MNIST / SVHN: the digits.
 
-Templates are stored as format strings with one ``{}`` (the repository stores lambdas).
+Templates are stored as format strings with one ``{}`` (the repository stores lambdas). This module
+is data only: :mod:`adamerge.data.registry` imports it and registers the eight tasks.
 
 This file is mostly data: the class lists make it longer than the usual ~400 lines, on purpose.
 """
 
 from __future__ import annotations
-
-from adamerge.data.registry import register_task
 
 __all__ = ["CLASSNAMES", "STANDARD_TASKS", "TEMPLATES"]
 
@@ -284,6 +283,3 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
 }
 
 STANDARD_TASKS = ("sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
-
-for _name in STANDARD_TASKS:
-    register_task(_name, CLASSNAMES[_name], TEMPLATES[_name])

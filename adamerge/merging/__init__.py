@@ -2,14 +2,19 @@
 
 Every function takes state dicts (``Mapping[str, Tensor]``) and returns a new one; inputs are never
 modified. Float tensors are computed in float32 and returned in their own dtype; other tensors pass
-through from θ_0. Bad input raises :class:`MergeError` naming the problem.
+through from θ_0. Bad input raises :class:`MergeError` naming the problem. Each method's file
+registers it by name (``@register_method``) for :func:`merge_pool`.
 """
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from adamerge.merging.dare import dare, dare_all
-from adamerge.merging.dispatch import METHODS, merge_pool
+from adamerge.merging.dispatch import METHODS, TaskVectorSource, merge_pool
 from adamerge.merging.opcm import OPCMerger, opcm_project
 from adamerge.merging.optmerge import optmerge
 from adamerge.merging.pcb import pcb_merge
+from adamerge.merging.registry import register_method
 from adamerge.merging.task_arithmetic import task_arithmetic
 from adamerge.merging.task_vectors import MergeError, add_task_vector, check_compatible, task_vector
 from adamerge.merging.ties import ties_elect_sign, ties_merge, ties_preprocess, ties_trim
@@ -19,6 +24,7 @@ __all__ = [
     "METHODS",
     "MergeError",
     "OPCMerger",
+    "TaskVectorSource",
     "add_task_vector",
     "check_compatible",
     "dare",
@@ -27,6 +33,7 @@ __all__ = [
     "opcm_project",
     "optmerge",
     "pcb_merge",
+    "register_method",
     "task_arithmetic",
     "task_vector",
     "ties_elect_sign",
@@ -35,3 +42,7 @@ __all__ = [
     "ties_trim",
     "weight_average",
 ]
+
+# Every module of the package registers its methods on import: a new method is one new file.
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_ratio, float_keys, is_linear_weight
+from adamerge.merging.registry import TaskVectorSource, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, check_compatible, check_finite, is_mergeable
 
-__all__ = ["OPCMerger", "opcm_project", "split_rank"]
+__all__ = ["OPCMerger", "opcm_project", "split_rank", "opcm_pool"]
 
 
 def split_rank(s: Tensor, alpha: float) -> int:
@@ -153,3 +154,13 @@ class OPCMerger:
         for key, base in self.pretrained.items():
             out[key] = (base.float() + tau[key]).to(base.dtype) if key in tau else base.clone()
         return out
+
+
+@register_method("opcm", pool_level=True)
+def opcm_pool(pool: TaskVectorSource, tasks=None, alpha: float = 0.5, **kwargs) -> dict[str, Tensor]:
+    """OPCM over the pool's experts in ``tasks`` order, one task vector in memory at a time
+    (``kwargs``: :class:`OPCMerger`'s other arguments)."""
+    merger = OPCMerger(pool.pretrained_state(), alpha=alpha, **kwargs)
+    for task, tau in pool.task_vectors(tasks):
+        merger.add_task_vector(tau, name=f"task vector {task!r}")
+    return merger.merged_state()

@@ -33,6 +33,7 @@ from adamerge.merging._common import (
     float_keys,
     is_linear_weight,
 )
+from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict
 
 __all__ = ["optmerge", "optmerge_weight"]
@@ -79,6 +80,7 @@ def optmerge_weight(
     return tau.detach()
 
 
+@register_method("optmerge")
 def optmerge(
     pretrained: StateDict,
     taus: Sequence[StateDict],

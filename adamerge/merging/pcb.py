@@ -36,6 +36,7 @@ from adamerge.merging._common import (
     float_keys,
     kth_smallest_,
 )
+from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, flatten
 
 __all__ = ["pcb_merge"]
@@ -63,6 +64,7 @@ def _scores(balancing: list[Tensor], ratio: float) -> list[Tensor]:
     return [_minmax(b, lo, hi) for b in balancing]
 
 
+@register_method("pcb")
 def pcb_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],

@@ -15,9 +15,10 @@ from torch import Tensor
 
 from adamerge.merging._common import apply_tau, check_against_pretrained, check_lam, check_taus, float_keys
 from adamerge.merging.dare import dare_all
+from adamerge.merging.registry import TaskVectorSource, register_method, streamed_sum
 from adamerge.merging.task_vectors import StateDict
 
-__all__ = ["task_arithmetic"]
+__all__ = ["task_arithmetic", "task_arithmetic_pool"]
 
 
 def task_arithmetic(
@@ -48,3 +49,18 @@ def task_arithmetic(
             acc.add_(tau[key].float())
         total[key] = acc
     return apply_tau(pretrained, total, lam)
+
+
+@register_method("task_arithmetic", pool_level=True)
+def task_arithmetic_pool(
+    pool: TaskVectorSource, tasks: Sequence[str] | None = None, lam: float = 0.3, dare: float | None = None,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """:func:`task_arithmetic` on a pool, keeping a running sum of the streamed task vectors (one
+    expert in memory); with ``dare`` every task vector is needed at once."""
+    if dare is not None:
+        taus = [tau for _, tau in pool.task_vectors(tasks)]
+        return task_arithmetic(pool.pretrained_state(), taus, lam=lam, dare=dare, seed=seed)
+    lam = check_lam(lam)
+    total, _ = streamed_sum(pool, tasks)
+    return apply_tau(pool.pretrained_state(), total, lam)

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from adamerge.errors import AdaMergeError
+
 StateDict = Mapping[str, Tensor]
 
 __all__ = [
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 
-class MergeError(ValueError):
+class MergeError(AdaMergeError):
     """Raised for inputs that cannot be merged (mismatched keys/shapes, NaN weights, bad ratios)."""
 
 

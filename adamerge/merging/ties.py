@@ -36,6 +36,7 @@ from adamerge.merging._common import (
     kth_largest_,
 )
 from adamerge.merging.dare import dare_all
+from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, flatten
 
 __all__ = ["ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
@@ -136,6 +137,7 @@ def _stack_trimmed(taus: Sequence[StateDict], key: str, thresholds: Sequence[flo
     return torch.stack([_trim(t[key].float(), thr) for t, thr in zip(taus, thresholds)])
 
 
+@register_method("ties")
 def ties_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from adamerge.merging._common import check_taus
+from adamerge.merging._common import apply_tau, check_taus
+from adamerge.merging.registry import TaskVectorSource, register_method, streamed_sum
 from adamerge.merging.task_vectors import StateDict, linear_combination
 
-__all__ = ["weight_average"]
+__all__ = ["weight_average", "weight_average_pool"]
 
 
 def weight_average(states: Sequence[StateDict]) -> dict[str, Tensor]:
@@ -28,3 +29,10 @@ def weight_average(states: Sequence[StateDict]) -> dict[str, Tensor]:
     """
     states = check_taus(states, what="state dict")
     return linear_combination(states, [1.0 / len(states)] * len(states))
+
+
+@register_method("weight_average", pool_level=True)
+def weight_average_pool(pool: TaskVectorSource, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """θ_0 + (1/K) Σ_k τ_k = the mean of the experts, from a running sum of the streamed task vectors."""
+    total, count = streamed_sum(pool, tasks)
+    return apply_tau(pool.pretrained_state(), total, 1.0 / count)

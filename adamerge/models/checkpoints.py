@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from adamerge.errors import AdaMergeError
 from adamerge.files import atomic_path
 from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite
 from adamerge.models.hf_clip import HFConversionError, convert_hf_vision_state, hf_vision_config, is_hf_state
@@ -56,8 +57,12 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 
 
-class CheckpointError(MergeError):
-    """A checkpoint file that is missing, corrupt, of the wrong architecture or holds NaN/Inf."""
+class CheckpointError(AdaMergeError):
+    """A checkpoint file that is missing, corrupt, of the wrong architecture or holds NaN/Inf.
+
+    Not a :class:`~adamerge.merging.task_vectors.MergeError` (a file is no merging input); catch
+    :class:`~adamerge.errors.AdaMergeError` for both.
+    """
 
 
 class PickledCheckpointError(CheckpointError):

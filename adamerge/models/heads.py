@@ -18,6 +18,7 @@ import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from adamerge.models.checkpoints import CheckpointError, read_state_dict, save_state_dict
 
 __all__ = [
+    "ZeroShotTask",
     "build_zero_shot_head",
     "cached_zero_shot_head",
     "head_cache_path",
@@ -35,6 +37,23 @@ __all__ = [
 ]
 
 Tokenizer = Callable[[list[str]], Tensor]
+
+
+class ZeroShotTask(Protocol):
+    """What a zero-shot head needs to know about a task; the task registry's ``TaskInfo`` is one.
+
+    Loaders are handed these (or a ``task name → ZeroShotTask`` lookup) and never look them up.
+    """
+
+    @property
+    def classnames(self) -> Sequence[str]:
+        """One human-readable name per class, in label order."""
+        ...
+
+    @property
+    def templates(self) -> Sequence[str]:
+        """Prompt format strings with one ``{}`` for the class name."""
+        ...
 
 
 def logit_scale_of(clip_model: nn.Module) -> float:

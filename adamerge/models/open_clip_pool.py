@@ -2,10 +2,11 @@
 
 θ_0 is ``clip.visual`` of the pretrained model; expert k is read from its file only when a method
 asks for it (``pool.expert_state(k)`` / ``pool.task_vectors()``), so a pool of 8-20 ViT-B/32 experts
-never holds more than one expert in memory. Zero-shot heads come from the text tower and the task
-registry's class names and templates (:mod:`adamerge.models.heads`), cached on disk when
-``cache_dir`` is set.
+never holds more than one expert in memory. Zero-shot heads come from the text tower and each task's
+class names and templates (:mod:`adamerge.models.heads`), cached on disk when ``cache_dir`` is set.
 
+Class names and templates are passed in (``task_info``: a task name → ``classnames``/``templates``
+lookup such as :func:`adamerge.data.registry.get_task`, or a mapping); loading knows no task registry.
 Use it from YAML::
 
     model_pool:
@@ -14,30 +15,70 @@ Use it from YAML::
         model_name: ViT-B-32
         pretrained: openai
         experts: {mnist: ckpts/mnist.safetensors, eurosat: ckpts/eurosat/finetuned.pt}
+        task_info: adamerge.data.registry.get_task   # or linked from the data by the CLI
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 from torch import Tensor, nn
 
-from adamerge.data.registry import get_task
 from adamerge.merging.task_vectors import MergeError, check_compatible
 from adamerge.models.checkpoints import CheckpointError, check_finite, load_visual_state, read_state_dict
 from adamerge.models.export import export_merged
-from adamerge.models.heads import cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
+from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
 from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, hf_vision_config, is_hf_state
 from adamerge.models.pool import ModelPool
 
-__all__ = ["ExpertFile", "OpenCLIPPool", "load_clip", "register_model_config"]
+__all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "register_model_config", "task_lookup"]
 
 _LOCAL_DIR = "local-dir:"
+
+TaskLookup = Callable[[str], Any] | Mapping[str, Any]
+"""Where a pool's class names and templates come from: a function task name → :class:`ZeroShotTask`, or a
+mapping task → :class:`ZeroShotTask` or ``{"classnames": [...], "templates": [...]}`` (YAML-friendly)."""
+
+
+@dataclass(frozen=True)
+class _Texts:
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+def task_lookup(task_info: TaskLookup | None) -> Callable[[str], ZeroShotTask]:
+    """``task_info`` as a function task name → :class:`ZeroShotTask` (a mapping's error names its tasks)."""
+    if task_info is None:
+        raise ValueError(
+            "task_info is needed for the zero-shot heads' class names and templates: pass "
+            "adamerge.data.registry.get_task (the CLI links it from the data) or a mapping task → "
+            "{classnames, templates}"
+        )
+    if isinstance(task_info, Mapping):
+        infos = {
+            t: _Texts(tuple(i["classnames"]), tuple(i["templates"])) if isinstance(i, Mapping) else i
+            for t, i in task_info.items()
+        }
+
+        def lookup(task: str) -> ZeroShotTask:
+            if task not in infos:
+                known = ", ".join(sorted(infos))
+                raise ValueError(f"no class names for task {task!r} in task_info (tasks: {known})")
+            return infos[task]
+
+        return lookup
+    if not callable(task_info):
+        raise TypeError(f"task_info must map task names to class names and templates, got {task_info!r}")
+    return task_info
 
 
 class ExpertFile:
@@ -78,6 +119,22 @@ def register_model_config(path: str | os.PathLike) -> str:
     return p.stem
 
 
+@contextlib.contextmanager
+def _weights_loaded_after():
+    """open_clip warns "No pretrained weights loaded … initialized randomly" whenever it loads none
+    itself; :func:`load_clip` loads the local weights right after, so exactly that warning is dropped."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_clip(
     model_name: str, pretrained: str | None, allow_pickle: bool = False, precision: str = "fp32"
 ) -> tuple[nn.Module, object, str]:
@@ -100,7 +157,8 @@ def load_clip(
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
     local = pretrained is not None and (Path(pretrained).exists() or os.sep in pretrained or Path(
         pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
-    clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
+    with _weights_loaded_after() if local else contextlib.nullcontext():
+        clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
         state = read_state_dict(pretrained, allow_pickle=allow_pickle)
         if is_hf_state(state):
@@ -118,7 +176,7 @@ def load_clip(
 
 
 class OpenCLIPPool(ModelPool):
-    """Pretrained open_clip CLIP + expert checkpoint files + zero-shot heads from the task registry.
+    """Pretrained open_clip CLIP + expert checkpoint files + zero-shot heads from the given class names.
 
     Args:
         model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, or the name of ``model_config``).
@@ -127,7 +185,7 @@ class OpenCLIPPool(ModelPool):
             ``openai/clip-vit-base-patch32``), ``local-dir:DIR``, or None for random weights.
         experts: task name → expert checkpoint: ``.safetensors``, ``.pt`` (read with
             ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), or an
-            HF CLIPVisionModel / CLIPModel folder. Task names must be registered.
+            HF CLIPVisionModel / CLIPModel folder. Every task must be known to ``task_info``.
         tasks: which experts to use, in order (default: all of ``experts``).
         allow_pickle: accept pickled checkpoints. Unpickling runs code from the file: trusted files only.
         cache_dir: folder caching zero-shot heads (None: always recompute).
@@ -135,6 +193,9 @@ class OpenCLIPPool(ModelPool):
         precision: open_clip precision of the pretrained model (``fp32``, ``fp16``, ``bf16``, ...).
         model_config: path to an open_clip model-config JSON registered before loading (its file
             stem is its name; ``model_name`` may then be left to that stem).
+        task_info: each task's class names and templates: a function task name → object with
+            ``classnames`` and ``templates`` (in YAML ``adamerge.data.registry.get_task``; the CLI
+            links the data's) or a mapping task → such object. None: the task registry (transitional).
     """
 
     def __init__(
@@ -148,11 +209,13 @@ class OpenCLIPPool(ModelPool):
         device: str = "cpu",
         precision: str = "fp32",
         model_config: str | None = None,
+        task_info: TaskLookup | None = None,
     ) -> None:
         if model_config is not None:
             registered = register_model_config(model_config)
             model_name = model_name or registered
-        tasks = self._select_tasks(experts, tasks)
+        lookup = task_lookup(task_info)
+        tasks = self._select_tasks(experts, tasks, lookup)
         for t in tasks:
             if not Path(experts[t]).exists():
                 raise CheckpointError(f"expert for task {t!r}: checkpoint not found: {experts[t]}")
@@ -161,18 +224,20 @@ class OpenCLIPPool(ModelPool):
         self.tokenizer = tokenizer
         self.model_id = text_tower_fingerprint(clip)
         self.identity = identity
-        heads = self._build_heads(tasks, cache_dir, device)
+        heads = self._build_heads(tasks, lookup, cache_dir, device)
         reference = {k: v.detach() for k, v in clip.visual.state_dict().items()}
         sources = {t: ExpertFile(experts[t], reference, allow_pickle) for t in tasks}
         self._check_activation(model_name, sources)
         super().__init__(clip.visual, sources, heads, logit_scale=logit_scale_of(clip), name=model_name)
 
     @staticmethod
-    def _select_tasks(experts: Mapping[str, str], tasks: list[str] | None) -> list[str]:
+    def _select_tasks(
+        experts: Mapping[str, str], tasks: list[str] | None, lookup: Callable[[str], ZeroShotTask]
+    ) -> list[str]:
         if not experts:
             raise ValueError("empty expert list: a model pool needs at least one expert")
         for t in experts:
-            get_task(t)  # UnknownTaskError naming the task and the known ones
+            lookup(t)  # the lookup's error names the task (the registry's also the known ones)
         tasks = list(experts) if tasks is None else list(tasks)
         if not tasks:
             raise ValueError("empty task list")
@@ -184,14 +249,16 @@ class OpenCLIPPool(ModelPool):
             raise ValueError(f"task {missing[0]!r} has no expert checkpoint (experts: {sorted(experts)})")
         return tasks
 
-    def _build_heads(self, tasks: list[str], cache_dir: str | None, device: str) -> dict[str, Tensor]:
+    def _build_heads(
+        self, tasks: list[str], lookup: Callable[[str], ZeroShotTask], cache_dir: str | None, device: str
+    ) -> dict[str, Tensor]:
         moved = device != "cpu"
         if moved:
             self.clip.to(device)
         try:
             heads = {}
             for t in tasks:
-                info = get_task(t)
+                info = lookup(t)
                 heads[t] = cached_zero_shot_head(
                     self.clip, self.tokenizer, t, info.classnames, info.templates, cache_dir,
                     model_id=self.model_id, device=device,

@@ -61,7 +61,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from adamerge.components.losses import entropy
 from adamerge.files import atomic_dir, atomic_path, sweep_temporaries
 from adamerge.models.pool import ModelPool, zero_shot_logits
-from adamerge.results import write_metrics
+from adamerge.records import write_metrics
 from adamerge.systems.runs import (
     AtomicCheckpointIO,
     CheckpointMismatchError,

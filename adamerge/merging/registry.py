@@ -1,0 +1,84 @@
+"""Static merging methods by name: each method's own file registers it with :func:`register_method`.
+
+    @register_method("ties")
+    def ties_merge(pretrained, task_vectors, keep=0.2, merge="sum", lam=0.3): ...
+
+Two kinds of function are registered:
+
+* list methods, ``fn(pretrained, task_vectors, **kwargs) -> state dict`` (every task vector at once);
+* pool methods (``pool_level=True``), ``fn(pool, tasks=None, **kwargs) -> state dict``, which read
+  the pool's streamed task vectors themselves (task arithmetic keeps a running sum, OPCM one
+  expert at a time).
+
+:data:`METHODS` maps every name to a pool-level callable; :func:`adamerge.merging.merge_pool` runs
+them. Every module of ``adamerge.merging`` is imported with the package, so a new method is one
+file; a method in a file of your own is registered when that file is imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
+
+from torch import Tensor
+
+__all__ = ["METHODS", "TaskVectorSource", "register_method", "streamed_sum"]
+
+MergeFn = Callable[..., dict[str, Tensor]]
+METHODS: dict[str, MergeFn] = {}
+_ORIGINS: dict[str, str] = {}
+
+
+class TaskVectorSource(Protocol):
+    """What a pool method reads from a pool: θ_0 and the experts' task vectors, streamed."""
+
+    def pretrained_state(self) -> dict[str, Tensor]:
+        """A copy of θ_0's state dict."""
+        ...
+
+    def task_vectors(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        """(task, τ_k = θ_k − θ_0) pairs for ``tasks`` (default all), in order, one at a time."""
+        ...
+
+
+def _on_pool(fn: MergeFn) -> MergeFn:
+    def run(pool: TaskVectorSource, tasks: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Tensor]:
+        return fn(pool.pretrained_state(), [tau for _, tau in pool.task_vectors(tasks)], **kwargs)
+
+    run.__doc__, run.__wrapped__ = fn.__doc__, fn  # type: ignore[attr-defined]
+    return run
+
+
+def register_method(name: str, pool_level: bool = False) -> Callable[[MergeFn], MergeFn]:
+    """Register a static merge under ``name`` (returns the function unchanged).
+
+    Args:
+        name: the name :func:`adamerge.merging.merge_pool` and the CLI know it by.
+        pool_level: the function takes ``(pool, tasks=None, **kwargs)`` instead of
+            ``(pretrained, task_vectors, **kwargs)``.
+    """
+
+    def decorate(fn: MergeFn) -> MergeFn:
+        origin = f"{fn.__module__}.{fn.__qualname__}"
+        if name in METHODS and _ORIGINS[name] != origin:
+            raise ValueError(f"merging method {name!r} is registered twice: by {_ORIGINS[name]} and {origin}")
+        METHODS[name], _ORIGINS[name] = (fn if pool_level else _on_pool(fn)), origin
+        return fn
+
+    return decorate
+
+
+def streamed_sum(pool: TaskVectorSource, tasks: Sequence[str] | None) -> tuple[dict[str, Tensor], int]:
+    """(Σ_k τ_k over float keys in float32, K), reading one expert at a time."""
+    total: dict[str, Tensor] | None = None
+    count = 0
+    for _, tau in pool.task_vectors(tasks):
+        if total is None:
+            total = {k: v.float().clone() for k, v in tau.items() if v.is_floating_point()}
+        else:
+            for k in total:
+                total[k].add_(tau[k].float())
+        count += 1
+    if total is None:
+        raise ValueError("no task vectors: the task list is empty")
+    return total, count
