@@ -1,9 +1,15 @@
-"""Command line: ``python train.py {fit,validate,test} --config configs/....yaml`` (or ``adamerge ...``).
+"""Command line: ``python train.py {fit,validate,test,methods} --config configs/....yaml`` (or ``adamerge ...``).
 
 A :class:`lightning.pytorch.cli.LightningCLI` over the test-time systems (``model: class_path:
-adamerge.systems....``) and the test-time DataModule. The task list is written once, in the data
-section, and linked into the system (``data.tasks → model.init_args.tasks``), so a pool, its heads
-and its data can't disagree about which tasks are merged.
+AdaMerging`` — every module of :mod:`adamerge.systems`, the pools and the data sources are imported
+before parsing, so short class names work and ``fit --help`` lists them) and the test-time
+DataModule. The task list is written once, in the data section, and linked into the system
+(``data.tasks → model.init_args.tasks``), so a pool, its heads and its data can't disagree about
+which tasks are merged. The optimizer is the system's own ``model.init_args.optimizer`` (Lightning's
+``--optimizer``/``--lr_scheduler`` are off); ``predict`` is not offered. ``methods`` lists the
+static merges and the learnable methods, one line each, and needs no config. Every ``fit``,
+``validate`` and ``test`` ends with a per-task accuracy table and the paths written
+(:class:`adamerge.report.RunReport`).
 
 Safety rules on top of Lightning's (see :mod:`adamerge.systems.runs`):
 
@@ -19,23 +25,34 @@ Safety rules on top of Lightning's (see :mod:`adamerge.systems.runs`):
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
+import pkgutil
 import re
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import yaml
-from jsonargparse import get_loader, set_loader
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from adamerge.files import write_text
+from adamerge.report import RunReport
 from adamerge.systems.runs import ConfigError, RunExistsError
 
-__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "main"]
+__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "learnable_methods",
+           "main", "methods_text", "static_methods"]
 
 PARSER_MODE = "adamerge_yaml"
+SUBCOMMANDS = ("fit", "validate", "test")
+# Imported before the parser is built: every module of these packages, and these modules (pools, sources).
+PLUGIN_PACKAGES = ("adamerge.systems",)
+PLUGIN_MODULES = ("adamerge.data.mini", "adamerge.data.imagefolder", "adamerge.models.open_clip_pool")
 
 
 class DuplicateKeyError(ValueError):
@@ -92,12 +109,111 @@ def _load_yaml_unique(text: str):
 set_loader(PARSER_MODE, _load_yaml_unique, exceptions=(yaml.YAMLError,))
 
 
+_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+
+
+def _not_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_LITLOGGER_TIP)
+
+
+def _quiet_known_notices() -> None:
+    """Two notices every run printed, each dropped by its own message (nothing else is filtered).
+
+    * Lightning 2.6's advertisement for litlogger, logged at INFO whenever no LitLogger is among the
+      loggers; no Trainer setting turns it off.
+    * torch 2.14's FutureWarning for ``LeafSpec()``, which Lightning 2.6.6 (the newest release)
+      still builds in ``lightning/pytorch/utilities/_pytree.py`` for every combined loader; the
+      warning is matched in that module only (``pyproject.toml`` filters it the same way for pytest).
+    """
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if _not_litlogger_tip not in logger.filters:
+            logger.addFilter(_not_litlogger_tip)
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def _prepare_wandb(logger: WandbLogger) -> None:
+    """Two W&B warnings fixed at their cause: Lightning's WandbLogger always passes ``anonymous=None``,
+    which wandb (0.31 here) reports as a deprecated setting; and wandb looks for a git repository from
+    ``save_dir`` before anything created it ("git root ... does not exist")."""
+    init = getattr(logger, "_wandb_init", None)
+    if isinstance(init, dict) and init.get("anonymous", False) is None:
+        del init["anonymous"]
+    if logger.save_dir:
+        os.makedirs(logger.save_dir, exist_ok=True)
+
+
+def _import_plugins() -> None:
+    """Import every module of :data:`PLUGIN_PACKAGES` and :data:`PLUGIN_MODULES`, so that jsonargparse
+    knows their classes by short name and ``methods`` lists every system (a new file in
+    ``adamerge/systems/`` is found with no edit here)."""
+    for name in PLUGIN_PACKAGES:
+        package = importlib.import_module(name)
+        for info in pkgutil.iter_modules(package.__path__, f"{name}."):
+            importlib.import_module(info.name)
+    for name in PLUGIN_MODULES:
+        importlib.import_module(name)
+
+
+def _summary(obj: object) -> str:
+    """The first line of ``obj``'s docstring ("" if it has none)."""
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def static_methods() -> dict[str, str]:
+    """Name → one-line summary of every static merge :func:`adamerge.merging.merge_pool` runs.
+
+    The summary is the first docstring line of the method's function; for a dispatcher without one,
+    of ``adamerge.merging``'s public function or module of the same name."""
+    from adamerge import merging
+    from adamerge.merging import METHODS
+
+    out = {}
+    for name, fn in METHODS.items():
+        candidates = [fn, getattr(merging, name, None), sys.modules.get(f"adamerge.merging.{name}")]
+        out[name] = next((s for s in map(_summary, candidates) if s), "")
+    return out
+
+
+def learnable_methods() -> dict[str, type]:
+    """Short name → class of every public :class:`~adamerge.systems.base.TestTimeSystem` subclass,
+    found by walking ``__subclasses__()`` after importing every module of :mod:`adamerge.systems`."""
+    from adamerge.systems.base import TestTimeSystem
+
+    _import_plugins()
+    found: dict[str, type] = {}
+    stack = list(TestTimeSystem.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        public = "<locals>" not in cls.__qualname__ and "._" not in f"{cls.__module__}.{cls.__qualname__}"
+        if public:
+            found.setdefault(cls.__name__, cls)
+        stack.extend(cls.__subclasses__())
+    return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def methods_text() -> str:
+    """What ``adamerge methods`` prints: every static merge and every learnable method, one line each."""
+    static, learnable = static_methods(), {n: _summary(c) for n, c in learnable_methods().items()}
+    width = max(map(len, [*static, *learnable]))
+    lines = ["Static merges (Surgery's and WEMoE's base_merge: {method: NAME, ...}; merge_pool(pool, NAME)):"]
+    lines += [f"  {n.ljust(width)}  {s}" for n, s in static.items()]
+    lines += ["", "Learnable methods (model: {class_path: NAME}; python train.py fit --help lists their options):"]
+    lines += [f"  {n.ljust(width)}  {s}" for n, s in learnable.items()]
+    return "\n".join(lines)
+
+
 class RunConfigCallback(SaveConfigCallback):
     """Lightning's config saver, but atomic and never over another run's ``config.yaml``.
 
     An existing ``config.yaml`` in the log folder is refused (unless ``overwrite``); a run resumed
     with ``--ckpt_path`` into its own folder writes ``config.resumed-<UTC time>.yaml`` beside it.
+    ``config_path`` is where it wrote (None before, and on other ranks than 0).
     """
+
+    config_path: str | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved:
@@ -113,28 +229,62 @@ class RunConfigCallback(SaveConfigCallback):
             path = os.path.join(log_dir, f"config.resumed-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.yaml")
         if trainer.is_global_zero:
             write_text(path, self.parser.dump(self.config, skip_none=False))
+            self.config_path = path
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
 class AdaMergeCLI(LightningCLI):
-    """LightningCLI with adamerge's links, defaults (seed 0) and run-safety rules (module docstring)."""
+    """LightningCLI with adamerge's links, defaults (seed 0), run-safety rules, short class names, the
+    ``methods`` listing and the end-of-run report (module docstring)."""
 
     def __init__(self, *args, **kwargs) -> None:
         from adamerge.data.datamodule import TestTimeDataModule
         from adamerge.systems.base import TestTimeSystem
 
+        _import_plugins()
+        _quiet_known_notices()
         kwargs.setdefault("model_class", TestTimeSystem)
         kwargs.setdefault("datamodule_class", TestTimeDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_callback", RunConfigCallback)
+        kwargs.setdefault("auto_configure_optimizers", False)  # one optimizer option: the system's own
+        defaults = dict(kwargs.pop("trainer_defaults", None) or {})
+        callbacks = defaults.get("callbacks", [])
+        defaults["callbacks"] = [*(callbacks if isinstance(callbacks, list) else [callbacks]), RunReport()]
         parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
-        for name in (None, "fit", "validate", "test", "predict"):
+        parser_kwargs.setdefault("description", "adamerge: test-time model merging. `methods` lists the methods; "
+                                 "fit, validate and test run one (SUBCOMMAND --help for its options).")
+        for name in (None, *self.subcommands()):
             target = parser_kwargs if name is None else parser_kwargs.setdefault(name, {})
             target.setdefault("parser_mode", PARSER_MODE)
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        super().__init__(*args, trainer_defaults=defaults, parser_kwargs=parser_kwargs, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (not ``predict``: no system predicts); ``methods`` is added
+        beside them by :meth:`_add_subcommands`."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in SUBCOMMANDS}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        summary = "List the static merges and the learnable methods, one line each (needs no config)."
+        listing = self.parser_class(description=summary)
+        parser._subcommands_action.add_subcommand("methods", listing, help=summary)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            # Lightning's results table has one column per dataloader and repeats every metric logged at
+            # epoch end (all of ours) in each; RunReport prints them once. --verbose=true brings it back.
+            parser.set_defaults(verbose=False)
+        return parser
+
+    @property
+    def _listing(self) -> bool:
+        return self.subcommand == "methods"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -146,14 +296,26 @@ class AdaMergeCLI(LightningCLI):
         # Class names and templates come from the data's task registry, so models/ needs none.
         parser.link_arguments("data.task_info", "model.init_args.pool.init_args.task_info", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse ``args``, or ``sys.argv`` when it is None. Lightning warns when both are set; given ``args``
+        (``main(args)`` from Python, the demo) are the whole command line and ``sys.argv`` is not read."""
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
     def _parse_ckpt_path(self) -> None:
         """A checkpoint restores state, never configuration: Lightning's hparams merge is turned off."""
+
+    def _set_seed(self) -> None:
+        if not self._listing:
+            super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": bool(config.get("overwrite", False))}
 
     def instantiate_classes(self) -> None:
+        if self._listing:  # nothing to build
+            self.config_init, self.model, self.datamodule, self.trainer = self.config, None, None, None
+            return
         try:
             super().instantiate_classes()
         except ValueError as e:
@@ -166,6 +328,15 @@ class AdaMergeCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         if hasattr(self.model, "overwrite"):
             self.model.overwrite = bool(config.get("overwrite", False))
+        for logger in self.trainer.loggers if self.trainer is not None else []:
+            if isinstance(logger, WandbLogger):
+                _prepare_wandb(logger)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "methods":
+            print(methods_text(), flush=True)
+            return
+        super()._run_subcommand(subcommand)
 
 
 def main(args: Sequence[str] | None = None, run: bool = True) -> AdaMergeCLI:

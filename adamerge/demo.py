@@ -19,9 +19,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch  # noqa: F401  -- first, see below
 import torch
 
 from adamerge.results import publish, write_metrics
+
+# Lightning gives its loggers a handler of their own (and stops them propagating) only when the root
+# logger has none at import time. open_clip logs through the root logger, which installs a root handler
+# (logging.basicConfig) the first time the benchmark loads a model; Lightning imported after that printed
+# every INFO line twice, through its "lightning" handler and through root's. Hence the import above.
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mini"
 

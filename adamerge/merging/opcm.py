@@ -158,8 +158,9 @@ class OPCMerger:
 
 @register_method("opcm", pool_level=True)
 def opcm_pool(pool: TaskVectorSource, tasks=None, alpha: float = 0.5, **kwargs) -> dict[str, Tensor]:
-    """OPCM over the pool's experts in ``tasks`` order, one task vector in memory at a time
-    (``kwargs``: :class:`OPCMerger`'s other arguments)."""
+    """OPCM: orthogonal projection continual merging, one expert in memory at a time.
+
+    Experts are added in ``tasks`` order; ``kwargs`` are :class:`OPCMerger`'s other arguments."""
     merger = OPCMerger(pool.pretrained_state(), alpha=alpha, **kwargs)
     for task, tau in pool.task_vectors(tasks):
         merger.add_task_vector(tau, name=f"task vector {task!r}")

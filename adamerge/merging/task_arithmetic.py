@@ -56,8 +56,10 @@ def task_arithmetic_pool(
     pool: TaskVectorSource, tasks: Sequence[str] | None = None, lam: float = 0.3, dare: float | None = None,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """:func:`task_arithmetic` on a pool, keeping a running sum of the streamed task vectors (one
-    expert in memory); with ``dare`` every task vector is needed at once."""
+    """Task arithmetic: θ_0 + λ Σ_k τ_k, from a running sum of the streamed task vectors.
+
+    One expert is in memory at a time (see :func:`task_arithmetic`); with ``dare`` every task vector
+    is needed at once."""
     if dare is not None:
         taus = [tau for _, tau in pool.task_vectors(tasks)]
         return task_arithmetic(pool.pretrained_state(), taus, lam=lam, dare=dare, seed=seed)

@@ -33,6 +33,6 @@ def weight_average(states: Sequence[StateDict]) -> dict[str, Tensor]:
 
 @register_method("weight_average", pool_level=True)
 def weight_average_pool(pool: TaskVectorSource, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """θ_0 + (1/K) Σ_k τ_k = the mean of the experts, from a running sum of the streamed task vectors."""
+    """Weight averaging: θ_0 + (1/K) Σ_k τ_k, the mean of the experts, from a running sum."""
     total, count = streamed_sum(pool, tasks)
     return apply_tau(pool.pretrained_state(), total, 1.0 / count)
