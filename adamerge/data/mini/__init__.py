@@ -7,12 +7,16 @@ LightningCLI-friendly views of the same cache entry (``class_path: adamerge.data
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch.utils.data import Dataset
 
 from adamerge.data.mini.benchmark import MiniBenchmark
 from adamerge.data.mini.model import PRESETS, MiniConfig
 from adamerge.data.mini.sources import MissingSourceError
 from adamerge.data.mini.tasks import MINI_TASKS, TASK_NAMES
+from adamerge.files import write_text
+from adamerge.models.export import export_merged
 from adamerge.models.pool import ModelPool
 
 __all__ = ["MiniBenchmark", "MiniBenchmarkSource", "MiniBenchmarkPool", "MiniConfig", "PRESETS",
@@ -57,3 +61,17 @@ class MiniBenchmarkPool(ModelPool):
         p = self.benchmark.pool()
         super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name,
                          benchmark=p.benchmark_id)
+        self.clip = self.benchmark.clip_model()  # the text tower and projections of a full export
+
+    def export(self, visual_state, path) -> Path:
+        """Write a full open_clip CLIP (this benchmark's text tower + ``visual_state``) to ``path``, and
+        the model's config beside it, so that::
+
+            open_clip.add_model_config(folder / "<model_name>.json")
+            open_clip.create_model("<model_name>", pretrained=str(folder / "merged.safetensors"))
+
+        loads it (the names are in ``pool.name``)."""
+        target = export_merged(self.clip, visual_state, path)
+        config = self.benchmark.paths["model_config"]
+        write_text(target.parent / config.name, config.read_text(encoding="utf-8"))
+        return target
