@@ -157,7 +157,20 @@ def main(argv: Sequence[str] | None = None) -> str:
         bench.build()
         run_static(bench, bench.pool(), out, seed, skip)
         run_adaptive(args.preset, seed, out, args.steps, skip)
+    print(provenance(root, args.seeds))
     return publish(root, args.readme)
+
+
+def provenance(root: Path, run_now: Sequence[int]) -> str:
+    """Which seeds of the table this run produced and which it read from records already in ``root``."""
+    from adamerge.results import collect
+
+    found = sorted({r["seed"] for r in collect(root) if r.get("seed") is not None})
+    earlier = [s for s in found if s not in run_now]
+    line = f"seeds run now: {', '.join(map(str, run_now))}"
+    if earlier:
+        line += f"; seeds read from records already in {root}: {', '.join(map(str, earlier))}"
+    return line
 
 
 if __name__ == "__main__":

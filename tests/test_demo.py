@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from adamerge import demo
@@ -20,6 +22,7 @@ def test_demo_runs_every_method_and_tabulates_its_records(mini_tiny_cache, tmp_p
     out = tmp_path / "runs"
     table = demo.main(["--preset", "tiny", "--seeds", "0", "--out", str(out), "--steps", "2",
                        "--readme", str(readme)])
+    assert "seeds run now: 0\n" in capsys.readouterr().out  # and none read from earlier records
     bench = MiniBenchmark("tiny", 0, cache_dir=str(mini_tiny_cache))
     records = {}
     for run in STATIC_RUNS + ADAPTIVE_RUNS:
@@ -41,3 +44,10 @@ def test_demo_runs_every_method_and_tabulates_its_records(mini_tiny_cache, tmp_p
     before = {p: p.read_text() for p in out.rglob("metrics.json")}
     demo.main(["--preset", "tiny", "--seeds", "0", "--out", str(out), "--steps", "2", "--skip-done"])
     assert {p: p.read_text() for p in out.rglob("metrics.json")} == before
+    # a record of another seed already there is tabulated too, and the demo says it did not run it
+    rec = json.loads((out / "seed0" / "zero_shot" / "metrics.json").read_text())
+    (out / "seed7" / "zero_shot").mkdir(parents=True)
+    (out / "seed7" / "zero_shot" / "metrics.json").write_text(json.dumps({**rec, "seed": 7}))
+    capsys.readouterr()
+    demo.main(["--preset", "tiny", "--seeds", "0", "--out", str(out), "--steps", "2", "--skip-done"])
+    assert f"seeds run now: 0; seeds read from records already in {out}: 7" in capsys.readouterr().out
