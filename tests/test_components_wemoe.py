@@ -262,7 +262,7 @@ def test_mlp_with_norm_inside_is_kept():
 
 def test_bfloat16_task_vectors_stay_close(pool):
     full = WEMoEModel(pool)
-    half = WEMoEModel(pool, tau_dtype="bfloat16")
+    half = WEMoEModel(pool, tv_dtype="bfloat16")
     half.load_state_dict(full.state_dict())
     assert half.mlps[0].tau_w_fc.dtype == torch.bfloat16
     torch.testing.assert_close(half(images()), full(images()), atol=2e-2, rtol=2e-2)

@@ -39,8 +39,8 @@ def test_defaults_and_learnable_parameters():
     assert len(e.model.routers) == 1 and e.model.config["keep_ratio"] == 0.1
     assert (e.method_label, system.method_label) == ("E-WEMoE", "WEMoE")
     assert e.model.mlps[0].chunk_size == 3 and e.model.mlps[1].impl == "experts"
-    with pytest.raises(ValueError, match="tau_dtype"):
-        WEMoE(pool, model=partial(WEMoEModel, tau_dtype="int8"))
+    with pytest.raises(ValueError, match="tv_dtype"):
+        WEMoE(pool, model=partial(WEMoEModel, tv_dtype="int8"))
 
 
 def test_training_step_reduces_over_the_batch_and_evaluation_does_not():
@@ -97,7 +97,7 @@ def test_fit_checkpoints_routers_only_and_exports_a_rebuildable_model(tmp_path):
 
 def test_export_round_trip_with_shared_router_and_bfloat16(tmp_path):
     pool = make_tiny_pool()
-    system = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, tau_dtype="bfloat16"))
+    system = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, tv_dtype="bfloat16"))
     with torch.no_grad():
         for p in system.model.parameters():
             p.add_(0.1 * torch.randn_like(p))

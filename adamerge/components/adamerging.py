@@ -30,14 +30,19 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite, is_mergeable
+from adamerge.merging.task_vectors import (
+    MergeError,
+    check_compatible,
+    check_finite,
+    dtype_named,
+    is_mergeable,
+)
 from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
 __all__ = ["AdaMergingModel", "Granularity", "freeze_as_buffers", "stack_task_vectors"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def freeze_as_buffers(module: nn.Module) -> nn.Module:
@@ -181,8 +186,7 @@ class AdaMergingModel(nn.Module):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-        if tv_dtype not in _DTYPES:
-            raise ValueError(f"tv_dtype must be one of {sorted(_DTYPES)}, got {tv_dtype!r}")
+        storage = dtype_named(tv_dtype, "tv_dtype", ("float32", "bfloat16"))
         if not math.isfinite(init):
             raise ValueError(f"init must be finite, got {init}")
         if clamp and not 0.0 <= init <= 1.0:
@@ -214,7 +218,7 @@ class AdaMergingModel(nn.Module):
             for key, buf in self.encoder.named_buffers():
                 buf.copy_(pretrained_state[key])
         self.register_buffer(
-            "task_vectors", stack_task_vectors(task_vectors, reference, _DTYPES[tv_dtype]), persistent=False
+            "task_vectors", stack_task_vectors(task_vectors, reference, storage), persistent=False
         )
         shape = (num_tasks, len(self.layer_names)) if granularity == "layer" else (num_tasks, 1)
         self.lambdas = nn.Parameter(torch.full(shape, float(init)))

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.merging.task_vectors import check_compatible
+from adamerge.merging.task_vectors import check_compatible, dtype_named
 
 __all__ = [
     "LINEARS",
@@ -65,7 +65,6 @@ __all__ = [
 ]
 
 Impl = Literal["weights", "experts"]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LINEARS = ("fc", "proj")
 
 
@@ -282,7 +281,7 @@ class WEMoEModel(nn.Module):
             1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
         shared_router: one router for all blocks (E-WEMoE) instead of one per block.
         keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
-        tau_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
+        tv_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
         impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
             through the K task vectors); see :func:`ensemble_linear`.
         chunk_size: merge per-sample weights for at most this many samples at a time (bounds the
@@ -300,16 +299,18 @@ class WEMoEModel(nn.Module):
         router_hidden_layers: int = 1,
         shared_router: bool = False,
         keep_ratio: float = 1.0,
-        tau_dtype: str = "float32",
+        tv_dtype: str = "float32",
         impl: Impl = "weights",
         chunk_size: int | None = None,
         batch_reduce: bool = True,
     ) -> None:
         super().__init__()
-        if tau_dtype not in DTYPES:
-            raise WEMoEError(f"tau_dtype must be one of {sorted(DTYPES)}, got {tau_dtype!r}")
+        try:
+            storage = dtype_named(tv_dtype, "tv_dtype")
+        except ValueError as e:
+            raise WEMoEError(str(e)) from None
         encoder, taus, tasks, config = _upscale(
-            pool, tasks, base_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, DTYPES[tau_dtype]
+            pool, tasks, base_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, storage
         )
         self._setup(*_attach_routers(encoder, taus, tasks, config))
         self.set_impl(impl)
@@ -457,7 +458,7 @@ def _attach_routers(
     return encoder, routers, list(tasks), {**config, "batch_first": batch_first}
 
 
-def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, tau_dtype):
+def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, tv_dtype):
     """(encoder with θ_0's MLPs and the merged other weights, stacked MLP τ per block, tasks, config):
     one streamed pass over the experts (see :class:`WEMoEModel` for the arguments)."""
     scaling_factor = 0.3  # the paper's task arithmetic for the non-MLP weights when no merged_state
@@ -474,7 +475,7 @@ def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, share
         for key, t in tau.items():
             if key in mlp_keys:
                 if key not in stacks:
-                    stacks[key] = torch.empty((len(tasks), *t.shape), dtype=tau_dtype or t.dtype)
+                    stacks[key] = torch.empty((len(tasks), *t.shape), dtype=tv_dtype or t.dtype)
                 stacks[key][i] = prune_top_magnitude(t, keep_ratio)
             elif merged_state is None:
                 ta_sum[key] = t.float().clone() if key not in ta_sum else ta_sum[key].add_(t.float())
@@ -494,7 +495,7 @@ def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, share
         "router_hidden_layers": int(router_hidden_layers),
         "shared_router": bool(shared_router),
         "keep_ratio": float(keep_ratio),
-        "tau_dtype": str(next(iter(stacks.values())).dtype).replace("torch.", ""),
+        "tv_dtype": str(next(iter(stacks.values())).dtype).replace("torch.", ""),
         "pool": getattr(pool, "name", "pool"),
     }
     return pool.build_encoder(state), taus, tasks, config

@@ -32,6 +32,8 @@ __all__ = [
     "add_task_vector",
     "check_compatible",
     "check_finite",
+    "DTYPES",
+    "dtype_named",
     "flatten",
     "is_mergeable",
     "linear_combination",
@@ -89,6 +91,16 @@ def check_finite(state: StateDict, name: str = "state dict") -> None:
         if not bool(torch.isfinite(t).all()):
             kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise MergeError(f"{name}: key {key!r} contains {kind} values")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_named(name: str, option: str, choices: Sequence[str] = tuple(DTYPES)) -> torch.dtype:
+    """The torch dtype spelled ``name`` (one of ``choices``); the error names ``option``."""
+    if name not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {name!r}")
+    return DTYPES[name]
 
 
 def state_fingerprint(state: StateDict, samples: int = 64) -> str:

@@ -23,7 +23,6 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import OptimizerCallable
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -34,13 +33,13 @@ from adamerge.components.surgery import (
     alignment_loss,
 )
 from adamerge.files import write_text
+from adamerge.merging.task_vectors import dtype_named
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
 from adamerge.systems.base_merge import BaseMerge, base_merge_state
 
-__all__ = ["EXPERT_DTYPES", "Surgery"]
+__all__ = ["Surgery"]
 
-EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MODEL_PREFIX = "model."
 
 
@@ -78,14 +77,13 @@ class Surgery(TestTimeSystem):
         export_dir: str | None = None,
     ) -> None:
         super().__init__(pool, tasks, optimizer, export_dir)
-        if expert_dtype not in EXPERT_DTYPES:
-            raise ValueError(f"expert_dtype must be one of {sorted(EXPERT_DTYPES)}, got {expert_dtype!r}")
+        experts_dtype = dtype_named(expert_dtype, "expert_dtype")
         self.base_merge = base_merge
         self.export_merged = export_merged
         encoder = pool.build_encoder(base_merge_state(pool, base_merge, self.tasks))
         self.use_component((model or SurgeryModel)(encoder, list(self.tasks)))
         self.experts = ExpertFeatures(
-            pool, self.tasks, with_blocks=self.model.version == "v2", dtype=EXPERT_DTYPES[expert_dtype],
+            pool, self.tasks, with_blocks=self.model.version == "v2", dtype=experts_dtype,
             cache=cache_experts,
         )
 
