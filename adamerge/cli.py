@@ -295,6 +295,8 @@ class AdaMergeCLI(LightningCLI):
         parser.link_arguments("data.tasks", "model.init_args.tasks", apply_on="instantiate")
         # Class names and templates come from the data's task registry, so models/ needs none.
         parser.link_arguments("data.task_info", "model.init_args.pool.init_args.task_info", apply_on="instantiate")
+        # A benchmark pool serves the data's benchmark (MiniBenchmarkPool): preset, seed and cache written once.
+        parser.link_arguments("data.source", "model.init_args.pool.init_args.source", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args``, or ``sys.argv`` when it is None. Lightning warns when both are set; given ``args``

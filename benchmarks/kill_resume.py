@@ -35,7 +35,6 @@ def _run(run: Path, cache: Path, *extra: str, callbacks: str = "") -> int:
     run.mkdir(parents=True, exist_ok=True)
     cfg.write_text("trainer:\n  callbacks:\n" + callbacks if callbacks else "trainer:\n  callbacks: []\n")
     args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(CONFIG), "--config", str(cfg),
-            "--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
             "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
             "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4",

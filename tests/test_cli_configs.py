@@ -38,7 +38,6 @@ def _fit_two_steps(args: list[str], tmp_path: Path):
 
 def _mini_overrides(cache: Path) -> list[str]:
     return [
-        "--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
         "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
     ]
 
@@ -153,3 +152,15 @@ def test_method_fragments_layer_onto_a_mini_run(fragment, tmp_path, mini_tiny_ca
     cli = _fit_two_steps(["--config", str(runs[0]), "--config", str(fragment), *_mini_overrides(mini_tiny_cache)],
                          tmp_path)
     assert f"{type(cli.model).__module__}.{type(cli.model).__name__}" == _class_path(fragment)
+
+
+def test_benchmark_settings_are_written_once_in_the_data(tmp_path, mini_tiny_cache):
+    """The pool serves the data's benchmark (linked); a pool setting that disagrees is refused."""
+    cli = _fit_two_steps(["--config", str(ROOT / "configs" / "mini" / "adamerging_task.yaml"),
+                          *_mini_overrides(mini_tiny_cache)], tmp_path)
+    assert cli.model.pool.benchmark.preset == "tiny" and cli.model.pool.benchmark.root == mini_tiny_cache
+    assert cli.model.pool.benchmark_id == cli.datamodule.source.benchmark.benchmark_id
+    with pytest.raises(ValueError, match="MiniBenchmarkPool seed=3 but the data source's is 0"):
+        main(["fit", "--config", str(ROOT / "configs" / "mini" / "adamerging_task.yaml"),
+              *_mini_overrides(mini_tiny_cache), "--model.init_args.pool.init_args.seed=3",
+              "--trainer.max_steps=1"], run=True)

@@ -19,7 +19,6 @@ def cli_args(tmp: Path, cache: Path, *extra: str, callbacks: str = "") -> list[s
     cfg.write_text("trainer:\n  callbacks:\n" + callbacks if callbacks else "trainer:\n  callbacks: []\n")
     return [
         "fit", "--config", str(CONFIG), "--config", str(cfg),
-        "--model.init_args.pool.init_args.preset=tiny", f"--model.init_args.pool.init_args.cache_dir={cache}",
         "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
         "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.steps_per_epoch=3",

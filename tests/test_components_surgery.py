@@ -8,7 +8,6 @@ import open_clip
 import pytest
 import torch
 from conftest import TINY_EMBED, TINY_VISION, make_tiny_pool
-from safetensors.torch import save_file
 from torch import nn
 
 from adamerge.components.surgery import (

@@ -41,8 +41,7 @@ def _toy_config(tmp_path, cache) -> str:
           class_path: adamerge.systems.base.TestTimeSystem
           init_args:
             pool:
-              class_path: adamerge.data.mini.MiniBenchmarkPool
-              init_args: {{preset: tiny, seed: 0, cache_dir: {cache}}}
+              class_path: adamerge.data.mini.MiniBenchmarkPool  # the data's benchmark (linked)
             model:
               class_path: toy_component.ToyLambda
               init_args: {{init: 0.5}}

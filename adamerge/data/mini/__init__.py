@@ -50,14 +50,32 @@ class MiniBenchmarkSource:
 class MiniBenchmarkPool(ModelPool):
     """The mini benchmark's model pool (built or loaded from the cache on construction).
 
+    In a CLI run the benchmark is the data's: the CLI links ``data.source`` here, so preset, seed and
+    cache are written once, in the data section, and pool and data cannot disagree. From Python, give
+    ``source`` or the three settings.
+
     Args:
-        preset: ``"default"`` or ``"tiny"``.
-        seed: model seed of the build.
+        preset: ``"default"`` or ``"tiny"`` (None: the source's, else ``"default"``).
+        seed: model seed of the build (None: the source's, else 0).
         cache_dir: cache root (default ``$ADAMERGE_CACHE`` / ``$XDG_CACHE_HOME/adamerge`` / ``~/.cache/adamerge``).
+        source: the run's :class:`MiniBenchmarkSource`, whose benchmark this pool serves; a preset,
+            seed or cache given here as well must be the same.
     """
 
-    def __init__(self, preset: str = "default", seed: int = 0, cache_dir: str | None = None) -> None:
-        self.benchmark = MiniBenchmark(preset, seed, cache_dir).build()
+    def __init__(self, preset: str | None = None, seed: int | None = None, cache_dir: str | None = None,
+                 source: object | None = None) -> None:
+        if isinstance(source, MiniBenchmarkSource):
+            bench = source.benchmark
+            given = {"preset": preset, "seed": seed, "cache_dir": cache_dir}
+            theirs = {"preset": bench.preset, "seed": bench.seed, "cache_dir": bench.root}
+            for key, value in given.items():
+                same = value is None or (str(Path(value)) == str(Path(theirs[key])) if key == "cache_dir"
+                                         else value == theirs[key])
+                if not same:
+                    raise ValueError(f"MiniBenchmarkPool {key}={value!r} but the data source's is {theirs[key]!r}: "
+                                     "write it once, in the data section")
+            preset, seed, cache_dir = bench.preset, bench.seed, str(bench.root)
+        self.benchmark = MiniBenchmark(preset or "default", 0 if seed is None else seed, cache_dir).build()
         p = self.benchmark.pool()
         super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name,
                          benchmark=p.benchmark_id)
