@@ -35,7 +35,7 @@ from adamerge.merging._common import check_ratio, float_keys, is_linear_weight
 from adamerge.merging.registry import TaskVectorSource, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, check_compatible, check_finite, is_mergeable
 
-__all__ = ["OPCMerger", "opcm_project", "split_rank", "opcm_pool"]
+__all__ = ["OPCMerger", "opcm_pool", "opcm_project", "split_rank"]
 
 
 def split_rank(s: Tensor, alpha: float) -> int:

@@ -27,12 +27,12 @@ from adamerge.errors import AdaMergeError
 StateDict = Mapping[str, Tensor]
 
 __all__ = [
+    "DTYPES",
     "MergeError",
     "StateDict",
     "add_task_vector",
     "check_compatible",
     "check_finite",
-    "DTYPES",
     "dtype_named",
     "flatten",
     "is_mergeable",

@@ -63,7 +63,7 @@ def base_merge_state(
         kwargs = dict(base_merge)
         method = kwargs.pop("method", None)
         if not isinstance(method, str):
-            raise ValueError(f"{option}: a mapping needs a 'method' name, got {dict(base_merge)}")
+            raise ValueError(f"{option}: a mapping needs a 'method' name, got {dict(base_merge)}")  # noqa: TRY004
     else:
         raise TypeError(f"{option} must be a method name, a mapping or a file path, got {type(base_merge).__name__}")
     if tasks is not None and list(tasks) != pool.tasks:

@@ -19,8 +19,16 @@ from adamerge.files import write_text
 from adamerge.models.export import export_merged
 from adamerge.models.pool import ModelPool
 
-__all__ = ["MiniBenchmark", "MiniBenchmarkSource", "MiniBenchmarkPool", "MiniConfig", "PRESETS",
-           "MINI_TASKS", "TASK_NAMES", "MissingSourceError"]
+__all__ = [
+    "MINI_TASKS",
+    "PRESETS",
+    "TASK_NAMES",
+    "MiniBenchmark",
+    "MiniBenchmarkPool",
+    "MiniBenchmarkSource",
+    "MiniConfig",
+    "MissingSourceError",
+]
 
 
 class MiniBenchmarkSource:
