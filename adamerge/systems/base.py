@@ -8,12 +8,16 @@ minimises a sum of per-task losses,
 
 Contract for subclasses (WEMoE and Surgery are built on it; keep it stable):
 
-* ``__init__(pool, tasks=None, optimizer=<Adam lr 1e-3>, export_dir=None, ...)``: call
-  ``super().__init__(pool, tasks, optimizer, export_dir)`` first, then build the learnable
-  components. ``self.pool`` (a plain attribute, never saved), ``self.tasks`` (validated against
-  the pool), ``self.logit_scale`` and the frozen zero-shot heads are ready after it.
-* ``task_logits(task, images) -> [B, C_task]`` — **abstract**: logits of ``task`` on ``images``
-  (use :meth:`TestTimeSystem.logits` to apply the frozen head to features).
+* ``__init__(pool, tasks=None, optimizer=<Adam lr 1e-3>, export_dir=None, model=None)``: a learnable
+  component given as ``model`` (a ``class_path``, built as ``cls(pool, tasks, **init_args)``) is all
+  a new method needs; systems that build theirs (WEMoE and Surgery pass a merged base) call
+  ``super().__init__(pool, tasks, optimizer, export_dir)`` first and then :meth:`use_component`.
+  ``self.pool`` (a plain attribute, never saved), ``self.tasks`` (validated against the pool),
+  ``self.logit_scale`` and the frozen zero-shot heads are ready after it. A component may give
+  ``label`` (results row), ``identity()`` (what a resume must match) and ``merged_state_dict()``
+  (exported as ``merged.safetensors``).
+* ``task_logits(task, images) -> [B, C_task]`` — logits of ``task`` on ``images``; default the
+  component's features through the task's frozen head (:meth:`TestTimeSystem.logits`).
 * ``adaptation_loss(task, images) -> scalar`` — default entropy of ``task_logits``, batch mean.
 * ``adaptation_losses(images: dict[task, Tensor]) -> dict[task, scalar]`` — default calls
   ``adaptation_loss`` per task; override to share work across tasks in one step (AdaMerging
@@ -24,8 +28,8 @@ Contract for subclasses (WEMoE and Surgery are built on it; keep it stable):
   ``learned.safetensors`` (the learnable parameters by name); subclasses extend it.
 * Overriding ``setup``/``on_save_checkpoint``/``on_load_checkpoint``: call ``super()``.
 
-* ``identity`` — names of ``hparams`` that define what the learnable state means (granularity,
-  router layout, ...); a resume whose values differ is refused, naming the field.
+* ``identity`` — for systems without a component: names of ``hparams`` that define what the
+  learnable state means; a resume whose values differ is refused, naming the field.
 
 Behaviour: ``training_step`` accepts ``{task: images}`` or ``{task: (images, labels)}`` and never
 reads labels; logs ``train/loss/<task>`` and ``train/loss``. ``validation_step``/``test_step``
