@@ -84,10 +84,10 @@ class MiniBenchmarkPool(ModelPool):
                                      "write it once, in the data section")
             preset, seed, cache_dir = bench.preset, bench.seed, str(bench.root)
         self.benchmark = MiniBenchmark(preset or "default", 0 if seed is None else seed, cache_dir).build()
-        p = self.benchmark.pool()
+        self.clip = self.benchmark.clip_model()  # also the text tower and projections of a full export
+        p = self.benchmark.pool(self.clip)
         super().__init__(p.encoder, p._experts, p.heads, logit_scale=p.logit_scale, name=p.name,
                          benchmark=p.benchmark_id)
-        self.clip = self.benchmark.clip_model()  # the text tower and projections of a full export
 
     def export(self, visual_state, path) -> Path:
         """Write a full open_clip CLIP (this benchmark's text tower + ``visual_state``) to ``path``, and

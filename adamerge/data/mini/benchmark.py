@@ -228,10 +228,14 @@ class MiniBenchmark:
         return {t: zero_shot_head(clip, tok, get_mini_task(t).classnames, get_mini_task(t).templates)
                 for t in self.tasks}
 
-    def pool(self) -> ModelPool:
+    def pool(self, clip: open_clip.CLIP | None = None) -> ModelPool:
         """ModelPool: θ0 = the pretrained ``visual``, zero-shot heads, and experts loaded lazily from
-        safetensors, each checked against the manifest's sha256 on every load (:class:`CheckedSafetensors`)."""
-        clip = self.clip_model()
+        safetensors, each checked against the manifest's sha256 on every load (:class:`CheckedSafetensors`).
+
+        Args:
+            clip: the pretrained CLIP if already loaded (:meth:`clip_model`); loaded otherwise.
+        """
+        clip = self.clip_model() if clip is None else clip
         files = self._files()
         experts = {t: CheckedSafetensors(path, file_digest(self.manifest, files[t]), self.rebuild_hint)
                    for t, path in self.paths["experts"].items()}
