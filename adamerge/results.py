@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from adamerge.files import write_text
 from adamerge.records import METRICS_FILE, read_metrics, write_metrics
 
 __all__ = [
+    "benchmarks_of",
     "collect",
     "main",
     "publish",
@@ -46,14 +48,35 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def collect(root: str | os.PathLike, benchmark: str | None = None) -> list[dict[str, Any]]:
-    """Every metrics record under ``root`` (optionally of one benchmark), in path order."""
+    """Every metrics record under ``root`` (optionally of one benchmark), in path order.
+
+    One record per (benchmark, method, seed): when a run was repeated (the demo's run and a user's own
+    run of the same config and seed), the newest file counts and a note names the ones left out.
+    """
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"no runs folder at {root}")
-    records = [read_metrics(p) for p in sorted(root.rglob(METRICS_FILE))]
+    paths = sorted(root.rglob(METRICS_FILE))
+    records = {p: read_metrics(p) for p in paths}
     if benchmark is not None:
-        records = [r for r in records if r.get("benchmark", "mini") == benchmark]
-    return records
+        records = {p: r for p, r in records.items() if r.get("benchmark", "mini") == benchmark}
+    newest: dict[tuple, Path] = {}
+    for p, r in records.items():
+        key = (str(r.get("benchmark", "mini")), r["method"], r.get("seed"))
+        if key not in newest or p.stat().st_mtime > newest[key].stat().st_mtime:
+            newest[key] = p
+    kept = set(newest.values())
+    for p in records:
+        if p not in kept:
+            r = records[p]
+            print(f"note: {p} left out: {newest[(str(r.get('benchmark', 'mini')), r['method'], r.get('seed'))]} "
+                  f"is a newer record of {r['method']!r}, seed {r.get('seed')}", file=sys.stderr)
+    return [r for p, r in records.items() if p in kept]
+
+
+def benchmarks_of(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The benchmarks the records come from, sorted."""
+    return sorted({str(r.get("benchmark", "mini")) for r in records})
 
 
 def _cell(values: Sequence[float]) -> str:
@@ -71,7 +94,7 @@ def render_table(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | No
     """
     if not records:
         raise ValueError("no metrics records to tabulate")
-    benchmarks = sorted({str(r.get("benchmark", "mini")) for r in records})
+    benchmarks = benchmarks_of(records)
     if len(benchmarks) > 1:
         raise ValueError(f"the records come from {len(benchmarks)} benchmarks ({', '.join(benchmarks)}); "
                          "one table is one benchmark: pick one with --benchmark (or collect(..., benchmark=))")
@@ -147,16 +170,27 @@ def update_readme(readme: str | os.PathLike, table: str) -> None:
 
 
 def publish(runs: str | os.PathLike, readme: str | os.PathLike | None = None, benchmark: str | None = None) -> str:
-    """Collect the records under ``runs``, print the table, and write it into ``readme`` if given."""
+    """Collect the records under ``runs`` and print one table per benchmark; write the table into
+    ``readme`` if given (the README holds one benchmark: name it with ``benchmark`` when there are more)."""
     records = collect(runs, benchmark)
-    table = render_table(records)
-    regime = render_regime(records)
-    if regime:
-        table = f"{table}\n\n{regime}"
+    if not records:
+        raise ValueError(f"no metrics records under {runs}" + (f" for benchmark {benchmark!r}" if benchmark else ""))
+    benchmarks = benchmarks_of(records)
+    if readme and len(benchmarks) > 1:
+        raise ValueError(f"the records under {runs} come from {len(benchmarks)} benchmarks ({', '.join(benchmarks)}); "
+                         "the README shows one: pick it with --benchmark")
+    tables = []
+    for name in benchmarks:
+        rows = [r for r in records if str(r.get("benchmark", "mini")) == name]
+        table = render_table(rows)
+        regime = render_regime(rows)
+        tables.append(f"{table}\n\n{regime}" if regime else table)
     if readme:
-        update_readme(readme, table)
-    print(table)
-    return table
+        update_readme(readme, tables[0])
+    text = tables[0] if len(tables) == 1 else "\n\n".join(
+        f"Benchmark {name}:\n\n{t}" for name, t in zip(benchmarks, tables))
+    print(text)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> str:

@@ -83,3 +83,29 @@ def test_regime_checks_from_seed_means(tmp_path):
     assert "✘ layer-wise AdaMerging -0.5 over task arithmetic" in text
     assert f"task arithmetic {100 * 14 / 26:.0f} %, layer-wise AdaMerging {100 * 13.5 / 26:.0f} %" in text
     assert render_regime(collect(tmp_path / "s0")[:1]) == ""  # no zero-shot/experts/TA rows: no checks
+
+
+def test_a_users_own_run_beside_the_demos_records(tmp_path, capsys):
+    """The demo's records plus a user's own run: a rerun of a seed counts once (the newest), and a run
+    on another benchmark gets its own table instead of breaking the command."""
+    import os
+
+    write_metrics(tmp_path / "seed0" / "am", "AdaMerging (task-wise)", {"a": 0.5}, seed=0, benchmark="mini-default-aaaa")
+    write_metrics(tmp_path / "seed1" / "am", "AdaMerging (task-wise)", {"a": 0.7}, seed=1, benchmark="mini-default-aaaa")
+    mine = write_metrics(tmp_path / "adamerging_task" / "export", "AdaMerging (task-wise)", {"a": 0.9}, seed=0,
+                         benchmark="mini-default-aaaa")
+    os.utime(mine, (mine.stat().st_atime, mine.stat().st_mtime + 10))  # the user's run is the newer
+    write_metrics(tmp_path / "tiny_run" / "export", "AdaMerging (task-wise)", {"a": 0.2}, seed=0,
+                  benchmark="mini-tiny-bbbb")
+    text = main([str(tmp_path)])
+    sd = statistics.stdev([90.0, 70.0])
+    assert f"| AdaMerging (task-wise) | 80.0 ± {sd:.1f} |" in text  # seeds 0 (the newer, 0.9) and 1; not 0.5
+    assert "Benchmark mini-default-aaaa:" in text and "Benchmark mini-tiny-bbbb:" in text
+    assert "| AdaMerging (task-wise) | 20.0 | 20.0 |" in text
+    assert "seed0/am/metrics.json left out" in capsys.readouterr().err
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    with pytest.raises(ValueError, match=r"2 benchmarks .*pick it with --benchmark"):
+        main([str(tmp_path), "--readme", str(readme)])
+    main([str(tmp_path), "--readme", str(readme), "--benchmark", "mini-tiny-bbbb"])
+    assert "| 20.0 |" in readme.read_text()
