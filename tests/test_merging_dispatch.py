@@ -40,7 +40,7 @@ def test_each_method_by_name_matches_direct_call(pool):
     _same(merge_pool(pool, "task_arithmetic", lam=0.4), task_arithmetic(pre, taus, lam=0.4))
     _same(merge_pool(pool, "task_arithmetic", dare=0.5, seed=1), task_arithmetic(pre, taus, dare=0.5, seed=1))
     _same(merge_pool(pool, "ties", keep=0.3, merge="sum"), ties_merge(pre, taus, keep=0.3, merge="sum"))
-    _same(merge_pool(pool, "pcb", ratio=0.1), pcb_merge(pre, taus, ratio=0.1))
+    _same(merge_pool(pool, "pcb", keep=0.1), pcb_merge(pre, taus, keep=0.1))
     _same(merge_pool(pool, "optmerge", iters=3, lr=0.01), optmerge(pre, taus, iters=3, lr=0.01))
     merger = OPCMerger(pre, alpha=0.6)
     for e in experts:

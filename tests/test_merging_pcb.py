@@ -9,7 +9,7 @@ import torch
 from adamerge.merging import MergeError, pcb_merge
 
 
-def _numpy_pcb(x: np.ndarray, ratio: float, clamp: float, lams) -> np.ndarray:
+def _numpy_pcb(x: np.ndarray, keep: float, clamp: float, lams) -> np.ndarray:
     """vision_source_code/pcb.py of Du et al., written out with full sorts on an [n, d] matrix."""
     n, d = x.shape
     a = np.abs(x)
@@ -21,7 +21,7 @@ def _numpy_pcb(x: np.ndarray, ratio: float, clamp: float, lams) -> np.ndarray:
     inter = np.tanh(x * np.sum(np.sign(x) * norm, axis=0))
     bal = intra * inter
     sb = np.sort(bal, axis=1)
-    bal = np.clip(bal, sb[:, [int(d * (1 - ratio))]], sb[:, [int(d * 1 - 1)]])
+    bal = np.clip(bal, sb[:, [int(d * (1 - keep))]], sb[:, [int(d * 1 - 1)]])
     scale = (bal - bal.min(1, keepdims=True)) / (bal.max(1, keepdims=True) - bal.min(1, keepdims=True))
     tvs = clamped * np.asarray(lams, dtype=np.float64)[:, None]
     return np.sum(tvs * scale, axis=0) / np.maximum(np.sum(scale, axis=0), 1e-12)
@@ -47,13 +47,13 @@ def _unflat(pre, v):
 
 
 @pytest.mark.parametrize(
-    "ratio,clamp,lam", [(0.05, 0.01, 1.2), (0.3, 0.1, 1.0), (1.0, 0.0, 0.7), (0.5, 0.05, [0.9, 1.1, 1.3])]
+    "keep,clamp,lam", [(0.05, 0.01, 1.2), (0.3, 0.1, 1.0), (1.0, 0.0, 0.7), (0.5, 0.05, [0.9, 1.1, 1.3])]
 )
-def test_matches_numpy_rederivation(ratio, clamp, lam):
+def test_matches_numpy_rederivation(keep, clamp, lam):
     pre, taus, flat = _setup()
     lams = lam if isinstance(lam, list) else [lam] * 3
-    want = _unflat(pre, _numpy_pcb(flat, ratio, clamp, lams))
-    got = pcb_merge(pre, taus, ratio=ratio, lam=lam, clamp=clamp)
+    want = _unflat(pre, _numpy_pcb(flat, keep, clamp, lams))
+    got = pcb_merge(pre, taus, keep=keep, lam=lam, clamp=clamp)
     for k in ("w", "b"):
         assert torch.allclose(got[k], want[k], atol=1e-5), k
     assert torch.equal(got["ids"], pre["ids"])
@@ -61,7 +61,7 @@ def test_matches_numpy_rederivation(ratio, clamp, lam):
 
 def test_keeps_top_ratio_per_task():
     pre, taus, _ = _setup(n=1)
-    out = pcb_merge(pre, taus, ratio=0.2, clamp=0.0, lam=1.0)  # one task: merged = kept entries of τ
+    out = pcb_merge(pre, taus, keep=0.2, clamp=0.0, lam=1.0)  # one task: merged = kept entries of τ
     changed = sum(int((out[k] != pre[k]).sum()) for k in ("w", "b"))
     # scores strictly above sorted(score)[int(d·(1 − r))] survive the min-max scaling (the one at
     # the threshold becomes 0): d − int(d·(1 − r)) − 1 entries, as in the reference code
@@ -84,8 +84,8 @@ def test_zero_lambda_and_no_mutation_and_half():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"ratio": 0.0}, r"pcb ratio must lie in \(0, 1\]"),
-        ({"ratio": 1.2}, r"pcb ratio must lie in \(0, 1\]"),
+        ({"keep": 0.0}, r"pcb keep must lie in \(0, 1\]"),
+        ({"keep": 1.2}, r"pcb keep must lie in \(0, 1\]"),
         ({"clamp": 0.5}, r"clamp quantile must lie in \[0, 0.5\)"),
         ({"lam": -1.0}, "lam must be a finite number >= 0"),
         ({"lam": [1.0, 1.0]}, "lam has 2 entries for 3 task vectors"),

@@ -359,3 +359,11 @@ def test_checkpoint_and_merge_errors_share_a_neutral_base_only():
     assert issubclass(CheckpointError, AdaMergeError) and issubclass(MergeError, AdaMergeError)
     assert not issubclass(CheckpointError, MergeError) and not issubclass(MergeError, CheckpointError)
     assert issubclass(AdaMergeError, ValueError)  # callers catching ValueError keep working
+
+
+def test_is_path_tells_files_from_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "openai").mkdir()
+    assert ck.is_path(tmp_path / "missing") and ck.is_path("a/b") and ck.is_path("last.ckpt")
+    assert ck.is_path("m.safetensors") and ck.is_path("m.pth") and ck.is_path("openai")  # an existing folder
+    assert not ck.is_path("laion2b_s34b_b79k") and not ck.is_path("task_arithmetic") and not ck.is_path(None)

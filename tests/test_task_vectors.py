@@ -8,6 +8,7 @@ from adamerge.merging.task_vectors import (
     check_finite,
     flatten,
     linear_combination,
+    running_sum,
     task_vector,
     unflatten,
 )
@@ -35,6 +36,18 @@ def test_half_precision_computed_in_float32():
     tau = task_vector(ft, base)
     assert tau["w"].dtype == torch.float16
     assert torch.equal(add_task_vector(base, tau)["w"], ft["w"])
+
+
+def test_running_sum_streams_in_float32():
+    taus = [{"w": torch.tensor([1000.0, 0.5], dtype=torch.float16), "ids": torch.tensor([1, 2])} for _ in range(3)]
+    total, count = running_sum(t for t in taus)  # a generator: read once, one τ at a time
+    assert count == 3 and set(total) == {"w"} and total["w"].dtype == torch.float32
+    assert torch.equal(total["w"], torch.tensor([3000.0, 1.5]))
+    base = {"w": torch.zeros(2, dtype=torch.float16)}
+    assert torch.equal(add_task_vector(base, total, lam=0.5)["w"], torch.tensor([1500.0, 0.75], dtype=torch.float16))
+    assert all(torch.equal(t["w"], taus[0]["w"]) for t in taus)  # inputs untouched
+    with pytest.raises(MergeError, match="no task vectors"):
+        running_sum([])
 
 
 def test_mismatch_errors_name_key_and_shapes():

@@ -98,17 +98,6 @@ def kth_largest_(values: Tensor, k: int) -> float:
     return kth_smallest_(values, values.numel() - k)
 
 
-def apply_tau(pretrained: StateDict, tau: Mapping[str, Tensor], lam: float = 1.0) -> dict[str, Tensor]:
-    """θ0 + λ·τ in float32, returned in θ0's dtypes; keys absent from τ and non-float keys copied."""
-    out: dict[str, Tensor] = {}
-    for key, base in pretrained.items():
-        if key in tau and is_mergeable(base):
-            out[key] = (base.float() + lam * tau[key].float()).to(base.dtype)
-        else:
-            out[key] = base.clone()
-    return out
-
-
 def is_linear_weight(key: str, tensor: Tensor) -> bool:
     """Default test for "a 2-D linear weight" in a state dict.
 

@@ -33,7 +33,14 @@ from torch import Tensor
 
 from adamerge.merging._common import check_ratio, float_keys, is_linear_weight
 from adamerge.merging.registry import TaskVectorSource, register_method
-from adamerge.merging.task_vectors import MergeError, StateDict, check_compatible, check_finite, is_mergeable
+from adamerge.merging.task_vectors import (
+    MergeError,
+    StateDict,
+    add_task_vector,
+    check_compatible,
+    check_finite,
+    is_mergeable,
+)
 
 __all__ = ["OPCMerger", "opcm_pool", "opcm_project", "split_rank"]
 
@@ -149,14 +156,10 @@ class OPCMerger:
 
     def merged_state(self) -> dict[str, Tensor]:
         """θ_t = θ_0 + S_t / λ_t, a new state dict in θ_0's dtypes (non-float keys copied)."""
-        tau = self.merged_task_vector()
-        out: dict[str, Tensor] = {}
-        for key, base in self.pretrained.items():
-            out[key] = (base.float() + tau[key]).to(base.dtype) if key in tau else base.clone()
-        return out
+        return add_task_vector(self.pretrained, self.merged_task_vector())
 
 
-@register_method("opcm", pool_level=True)
+@register_method("opcm", pool_level=True, label="OPCM")
 def opcm_pool(pool: TaskVectorSource, tasks=None, alpha: float = 0.5, **kwargs) -> dict[str, Tensor]:
     """OPCM: orthogonal projection continual merging, one expert in memory at a time.
 

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import (
-    apply_tau,
     check_against_pretrained,
     check_lam,
     check_taus,
@@ -34,7 +33,7 @@ from adamerge.merging._common import (
     is_linear_weight,
 )
 from adamerge.merging.registry import register_method
-from adamerge.merging.task_vectors import MergeError, StateDict
+from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
 __all__ = ["optmerge", "optmerge_weight"]
 
@@ -80,7 +79,7 @@ def optmerge_weight(
     return tau.detach()
 
 
-@register_method("optmerge")
+@register_method("optmerge", label="OptMerge")
 def optmerge(
     pretrained: StateDict,
     taus: Sequence[StateDict],
@@ -122,4 +121,4 @@ def optmerge(
             merged[key] = optmerge_weight(ts, lr=lr, momentum=momentum, iters=int(iters)).cpu()
         else:
             merged[key] = torch.stack([t.float() for t in ts]).mean(0)
-    return apply_tau(pretrained, merged, lam)
+    return add_task_vector(pretrained, merged, lam)

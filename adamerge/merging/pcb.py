@@ -7,7 +7,7 @@ For task vectors τ_1..τ_K (each flattened over the whole model, d entries):
     intra_k = exp(η · n_k²)                                     intra-balancing, η = K
     inter_k = tanh(τ_k ⊙ Σ_j sign(τ_j) ⊙ n_j)                   inter-balancing
     β_k    = intra_k ⊙ inter_k
-    s_k    = minmax(clamp(β_k, q_k(1 − r), max β_k))            keep the top ratio r, scale to [0, 1]
+    s_k    = minmax(clamp(β_k, q_k(1 − r), max β_k))            keep the top fraction r, scale to [0, 1]
     θ      = θ_0 + Σ_k λ_k sign(τ_k) c_k s_k / max(Σ_k s_k, 1e-12),    r = 0.05, λ_k = 1.2
 
 Du et al., "Parameter Competition Balancing for Model Merging", NeurIPS 2024, arXiv 2410.02396.
@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import (
-    apply_tau,
     check_against_pretrained,
     check_lam,
     check_ratio,
@@ -37,7 +36,7 @@ from adamerge.merging._common import (
     kth_smallest_,
 )
 from adamerge.merging.registry import register_method
-from adamerge.merging.task_vectors import MergeError, StateDict, flatten
+from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, flatten
 
 __all__ = ["pcb_merge"]
 
@@ -55,20 +54,20 @@ def _clamp_bounds(tau: StateDict, keys: list[str], clamp: float) -> tuple[float,
     return kth_smallest_(flat, int(d * clamp)), kth_smallest_(flat, int(d * (1 - clamp) - 1))
 
 
-def _scores(balancing: list[Tensor], ratio: float) -> list[Tensor]:
-    """Keep the top ``ratio`` of one task's balancing values (whole model), min-max scaled."""
+def _scores(balancing: list[Tensor], keep: float) -> list[Tensor]:
+    """Keep the top ``keep`` of one task's balancing values (whole model), min-max scaled."""
     flat = torch.cat([b.reshape(-1) for b in balancing])
     d = flat.numel()
-    lo, hi = kth_smallest_(flat, int(d * (1 - ratio))), float(flat.max())
+    lo, hi = kth_smallest_(flat, int(d * (1 - keep))), float(flat.max())
     del flat
     return [_minmax(b, lo, hi) for b in balancing]
 
 
-@register_method("pcb")
+@register_method("pcb", label="PCB")
 def pcb_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],
-    ratio: float = 0.05,
+    keep: float = 0.05,
     lam: float | Sequence[float] = 1.2,
     clamp: float = 0.01,
     eta: float | None = None,
@@ -78,14 +77,14 @@ def pcb_merge(
     Args:
         pretrained: θ_0.
         taus: the task vectors τ_1..τ_K.
-        ratio: fraction r of each task's balancing scores kept, in (0, 1] (vision code: 0.05).
+        keep: fraction r of each task's balancing scores kept, in (0, 1] (vision code: 0.05).
         lam: λ >= 0, one for all tasks or one per task (vision code: 1.2).
         clamp: quantile q clamping |τ_k| to [q, 1 − q], in [0, 0.5) (vision code: 0.01).
         eta: temperature η of intra-balancing; default K, the number of task vectors (as the code).
     """
     taus = check_taus(taus)
     check_against_pretrained(pretrained, taus)
-    ratio = check_ratio(ratio, "pcb ratio")
+    keep = check_ratio(keep, "pcb keep")
     clamp = check_ratio(clamp, "pcb clamp quantile", allow_zero=True)
     if clamp >= 0.5:
         raise MergeError(f"pcb clamp quantile must lie in [0, 0.5), got {clamp!r}")
@@ -108,11 +107,11 @@ def pcb_merge(
             torch.exp(eta * norm(k, key) ** 2) * torch.tanh(tau[key].float() * signed_norm[key])
             for key in keys
         ]
-        for key, s in zip(keys, _scores(balancing, ratio)):
+        for key, s in zip(keys, _scores(balancing, keep)):
             t = tau[key].float()
             clamped = torch.sign(t) * t.abs().clamp(*bounds[k])
             num[key].add_(lams[k] * clamped * s)
             den[key].add_(s)
         del balancing
     merged = {key: num[key] / den[key].clamp(min=1e-12) for key in keys}
-    return apply_tau(pretrained, merged, 1.0)
+    return add_task_vector(pretrained, merged, 1.0)

@@ -1,6 +1,6 @@
 """Static merging methods by name: each method's own file registers it with :func:`register_method`.
 
-    @register_method("ties")
+    @register_method("ties", label="TIES")
     def ties_merge(pretrained, task_vectors, keep=0.2, merge="sum", lam=0.3): ...
 
 Two kinds of function are registered:
@@ -22,10 +22,13 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-__all__ = ["METHODS", "TaskVectorSource", "register_method", "streamed_sum"]
+from adamerge.merging.task_vectors import running_sum
+
+__all__ = ["LABELS", "METHODS", "TaskVectorSource", "register_method", "streamed_sum"]
 
 MergeFn = Callable[..., dict[str, Tensor]]
 METHODS: dict[str, MergeFn] = {}
+LABELS: dict[str, str] = {}  # name → short row name ("TIES"), e.g. in "Surgery on TIES"
 _ORIGINS: dict[str, str] = {}
 
 
@@ -49,13 +52,14 @@ def _on_pool(fn: MergeFn) -> MergeFn:
     return run
 
 
-def register_method(name: str, pool_level: bool = False) -> Callable[[MergeFn], MergeFn]:
+def register_method(name: str, pool_level: bool = False, label: str | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register a static merge under ``name`` (returns the function unchanged).
 
     Args:
         name: the name :func:`adamerge.merging.merge_pool` and the CLI know it by.
         pool_level: the function takes ``(pool, tasks=None, **kwargs)`` instead of
             ``(pretrained, task_vectors, **kwargs)``.
+        label: the short name results tables use for a model built on this merge (default ``name``).
     """
 
     def decorate(fn: MergeFn) -> MergeFn:
@@ -63,22 +67,13 @@ def register_method(name: str, pool_level: bool = False) -> Callable[[MergeFn], 
         if name in METHODS and _ORIGINS[name] != origin:
             raise ValueError(f"merging method {name!r} is registered twice: by {_ORIGINS[name]} and {origin}")
         METHODS[name], _ORIGINS[name] = (fn if pool_level else _on_pool(fn)), origin
+        LABELS[name] = label or name
         return fn
 
     return decorate
 
 
 def streamed_sum(pool: TaskVectorSource, tasks: Sequence[str] | None) -> tuple[dict[str, Tensor], int]:
-    """(Σ_k τ_k over float keys in float32, K), reading one expert at a time."""
-    total: dict[str, Tensor] | None = None
-    count = 0
-    for _, tau in pool.task_vectors(tasks):
-        if total is None:
-            total = {k: v.float().clone() for k, v in tau.items() if v.is_floating_point()}
-        else:
-            for k in total:
-                total[k].add_(tau[k].float())
-        count += 1
-    if total is None:
-        raise ValueError("no task vectors: the task list is empty")
-    return total, count
+    """(Σ_k τ_k over float keys in float32, K) of the pool's experts, reading one expert at a time
+    (:func:`~adamerge.merging.task_vectors.running_sum` over ``pool.task_vectors(tasks)``)."""
+    return running_sum(tau for _, tau in pool.task_vectors(tasks))

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from adamerge.merging._common import apply_tau, check_against_pretrained, check_lam, check_taus, float_keys
+from adamerge.merging._common import check_against_pretrained, check_lam, check_taus
 from adamerge.merging.dare import dare_all
 from adamerge.merging.registry import TaskVectorSource, register_method, streamed_sum
-from adamerge.merging.task_vectors import StateDict
+from adamerge.merging.task_vectors import StateDict, add_task_vector, running_sum
 
 __all__ = ["task_arithmetic", "task_arithmetic_pool"]
 
@@ -42,16 +41,11 @@ def task_arithmetic(
     lam = check_lam(lam)
     if dare is not None:
         taus = dare_all(taus, drop=dare, seed=seed)
-    total: dict[str, Tensor] = {}
-    for key in float_keys(taus[0]):
-        acc = torch.zeros(taus[0][key].shape, dtype=torch.float32)
-        for tau in taus:
-            acc.add_(tau[key].float())
-        total[key] = acc
-    return apply_tau(pretrained, total, lam)
+    total, _ = running_sum(taus)
+    return add_task_vector(pretrained, total, lam)
 
 
-@register_method("task_arithmetic", pool_level=True)
+@register_method("task_arithmetic", pool_level=True, label="TA")
 def task_arithmetic_pool(
     pool: TaskVectorSource, tasks: Sequence[str] | None = None, lam: float = 0.3, dare: float | None = None,
     seed: int = 0,
@@ -65,4 +59,4 @@ def task_arithmetic_pool(
         return task_arithmetic(pool.pretrained_state(), taus, lam=lam, dare=dare, seed=seed)
     lam = check_lam(lam)
     total, _ = streamed_sum(pool, tasks)
-    return apply_tau(pool.pretrained_state(), total, lam)
+    return add_task_vector(pool.pretrained_state(), total, lam)

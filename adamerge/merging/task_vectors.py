@@ -37,6 +37,7 @@ __all__ = [
     "flatten",
     "is_mergeable",
     "linear_combination",
+    "running_sum",
     "scale",
     "state_fingerprint",
     "sum_task_vectors",
@@ -141,13 +142,16 @@ def task_vector(finetuned: StateDict, pretrained: StateDict) -> dict[str, Tensor
     return out
 
 
-def add_task_vector(pretrained: StateDict, tau: StateDict, coefficient: float = 1.0) -> dict[str, Tensor]:
-    """θ = θ_0 + c·τ. Keys absent from τ and non-float keys are copied from θ_0.
+def add_task_vector(pretrained: StateDict, tau: StateDict, lam: float = 1.0) -> dict[str, Tensor]:
+    """θ = θ_0 + λ·τ, the last step of every task-vector merge (task arithmetic, TIES, PCB, OPCM …).
+
+    Computed in float32 and returned in θ_0's dtypes; keys absent from τ and non-float keys are
+    copied from θ_0.
 
     Args:
         pretrained: θ_0.
         tau: a task vector (or merged task vector) over a subset of θ_0's float keys.
-        coefficient: the scale c applied to τ.
+        lam: the scale λ applied to τ.
     """
     unknown = [k for k in tau if k not in pretrained]
     if unknown:
@@ -160,7 +164,7 @@ def add_task_vector(pretrained: StateDict, tau: StateDict, coefficient: float = 
                 raise MergeError(
                     f"shape mismatch at key {key!r}: expected {tuple(base.shape)}, got {tuple(t.shape)}"
                 )
-            out[key] = (base.float() + coefficient * t.float()).to(base.dtype)
+            out[key] = (base.float() + lam * t.float()).to(base.dtype)
         else:
             out[key] = base.clone()
     return out
@@ -197,8 +201,29 @@ def linear_combination(states: Sequence[StateDict], weights: Sequence[float]) ->
 
 
 def sum_task_vectors(taus: Sequence[StateDict]) -> dict[str, Tensor]:
-    """Σ_k τ_k."""
+    """Σ_k τ_k, returned in τ's dtypes (see :func:`running_sum` for the float32 sum merges add to θ_0)."""
     return linear_combination(taus, [1.0] * len(taus))
+
+
+def running_sum(taus: Iterable[StateDict]) -> tuple[dict[str, Tensor], int]:
+    """(Σ_k τ_k over the float keys, kept in float32; K), reading one task vector at a time.
+
+    ``taus`` may be a generator (a pool's streamed task vectors): only the sum and the current τ_k
+    are in memory. The float32 sum is what task arithmetic and weight averaging scale and add to θ_0
+    with :func:`add_task_vector`.
+    """
+    total: dict[str, Tensor] | None = None
+    count = 0
+    for tau in taus:
+        if total is None:
+            total = {k: v.float().clone() for k, v in tau.items() if is_mergeable(v)}
+        else:
+            for k in total:
+                total[k].add_(tau[k].float())
+        count += 1
+    if total is None:
+        raise MergeError("no task vectors: the task list is empty")
+    return total, count
 
 
 def flatten(state: StateDict, keys: Iterable[str] | None = None) -> Tensor:

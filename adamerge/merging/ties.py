@@ -27,7 +27,6 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import (
-    apply_tau,
     check_against_pretrained,
     check_lam,
     check_ratio,
@@ -37,7 +36,7 @@ from adamerge.merging._common import (
 )
 from adamerge.merging.dare import dare_all
 from adamerge.merging.registry import register_method
-from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, flatten
+from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite, flatten
 
 __all__ = ["ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
 
@@ -137,7 +136,7 @@ def _stack_trimmed(taus: Sequence[StateDict], key: str, thresholds: Sequence[flo
     return torch.stack([_trim(t[key].float(), thr) for t, thr in zip(taus, thresholds)])
 
 
-@register_method("ties")
+@register_method("ties", label="TIES")
 def ties_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],
@@ -180,4 +179,4 @@ def ties_merge(
         gamma = torch.sign(stack.sum(0))
         gamma[gamma == 0] = majority
         merged[key] = _disjoint(stack, gamma, merge)
-    return apply_tau(pretrained, merged, lam)
+    return add_task_vector(pretrained, merged, lam)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from adamerge.merging._common import apply_tau, check_taus
+from adamerge.merging._common import check_taus
 from adamerge.merging.registry import TaskVectorSource, register_method, streamed_sum
-from adamerge.merging.task_vectors import StateDict, linear_combination
+from adamerge.merging.task_vectors import StateDict, add_task_vector, linear_combination
 
 __all__ = ["weight_average", "weight_average_pool"]
 
@@ -31,8 +31,8 @@ def weight_average(states: Sequence[StateDict]) -> dict[str, Tensor]:
     return linear_combination(states, [1.0 / len(states)] * len(states))
 
 
-@register_method("weight_average", pool_level=True)
+@register_method("weight_average", pool_level=True, label="WA")
 def weight_average_pool(pool: TaskVectorSource, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Weight averaging: θ_0 + (1/K) Σ_k τ_k, the mean of the experts, from a running sum."""
     total, count = streamed_sum(pool, tasks)
-    return apply_tau(pool.pretrained_state(), total, 1.0 / count)
+    return add_task_vector(pool.pretrained_state(), total, 1.0 / count)

@@ -47,6 +47,7 @@ __all__ = [
     "CheckpointError",
     "PickledCheckpointError",
     "check_finite",
+    "is_path",
     "load_visual_state",
     "read_state_dict",
     "save_state_dict",
@@ -67,6 +68,21 @@ class CheckpointError(AdaMergeError):
 
 class PickledCheckpointError(CheckpointError):
     """A pickled checkpoint refused because ``allow_pickle`` was not given."""
+
+
+def is_path(value: object) -> bool:
+    """Whether ``value`` names a checkpoint file or folder rather than a name (an open_clip tag such as
+    ``openai``, a merging method such as ``task_arithmetic``).
+
+    A path-like object always does; a string does when it contains a path separator, ends in a
+    checkpoint suffix (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, ``.ckpt``) or names an existing
+    file or folder.
+    """
+    if isinstance(value, os.PathLike):
+        return True
+    if not isinstance(value, str):
+        return False
+    return os.sep in value or value.endswith((SAFETENSORS_SUFFIX, *TORCH_SUFFIXES)) or os.path.exists(value)
 
 
 # ---- reading ---------------------------------------------------------------------------------------

@@ -34,7 +34,13 @@ import open_clip
 from torch import Tensor, nn
 
 from adamerge.merging.task_vectors import MergeError, check_compatible
-from adamerge.models.checkpoints import CheckpointError, check_finite, load_visual_state, read_state_dict
+from adamerge.models.checkpoints import (
+    CheckpointError,
+    check_finite,
+    is_path,
+    load_visual_state,
+    read_state_dict,
+)
 from adamerge.models.export import export_merged
 from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
 from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, hf_vision_config, is_hf_state
@@ -155,8 +161,7 @@ def load_clip(
     model_name = model_name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 → ViT-B-32
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
-    local = pretrained is not None and (Path(pretrained).exists() or os.sep in pretrained or Path(
-        pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
+    local = is_path(pretrained)
     with _weights_loaded_after() if local else contextlib.nullcontext():
         clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:

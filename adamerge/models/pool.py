@@ -26,19 +26,12 @@ from adamerge.models.checkpoints import check_finite
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
 
-__all__ = ["ExpertSource", "ModelPool", "freeze", "zero_shot_logits"]
+__all__ = ["ExpertSource", "ModelPool", "zero_shot_logits"]
 
 
 def zero_shot_logits(features: Tensor, head: Tensor, logit_scale: float | Tensor) -> Tensor:
     """logit_scale · normalize(features) @ headᵀ (head rows already normalised)."""
     return logit_scale * F.normalize(features, dim=-1) @ head.t().to(features.dtype)
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """Turn off gradients for every parameter of ``module`` (in place) and return it."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 class ModelPool:
@@ -67,7 +60,7 @@ class ModelPool:
         missing = [t for t in experts if t not in heads]
         if missing:
             raise ValueError(f"no zero-shot head for task {missing[0]!r}")
-        self.encoder = freeze(encoder.eval())
+        self.encoder = encoder.eval().requires_grad_(False)
         self._experts = dict(experts)
         self.heads = {t: heads[t].detach() for t in experts}
         self.logit_scale = float(logit_scale)
@@ -160,4 +153,4 @@ class ModelPool:
         if state is not None:
             check_compatible(self._pretrained, state, name="merged state dict")
             enc.load_state_dict(state, strict=True)
-        return freeze(enc.eval())
+        return enc.eval().requires_grad_(False)
