@@ -127,7 +127,7 @@ def main() -> None:
         results["loop"] = timed(model, [batches[0][: args.loop_samples]], device)
     del model, plain
 
-    e_wemoe = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
+    e_wemoe = WEMoEModel(pool, shared_router=True, keep=0.1)
     counts["e_wemoe"] = e_wemoe.trainable_parameter_count()
     del e_wemoe
 

@@ -11,7 +11,7 @@ from conftest import make_tiny_pool
 from torch import nn
 from torch.func import functional_call
 
-from adamerge.components.adamerging import AdaMergingModel, freeze_as_buffers
+from adamerge.components.adamerging import AdaMergingModel
 from adamerge.components.losses import entropy
 from adamerge.merging.task_vectors import MergeError
 from adamerge.models.pool import ModelPool
@@ -64,11 +64,11 @@ def test_merged_weights_equal_explicit_sum(granularity):
     torch.testing.assert_close(model.coefficients(), lam.clamp(0, 1))
 
 
-def test_ties_keep_merges_ties_preprocessed_vectors():
+def test_keep_merges_ties_preprocessed_vectors():
     from adamerge.merging.ties import ties_preprocess
 
     pool = make_tiny_pool()
-    model = AdaMergingModel(pool, granularity="task", ties_keep=0.2)
+    model = AdaMergingModel(pool, granularity="task", keep=0.2)
     with torch.no_grad():
         model.lambdas.copy_(torch.tensor([[0.2], [0.5], [0.9]]))
     theta0 = pool.pretrained_state()
@@ -84,7 +84,7 @@ def test_ties_keep_merges_ties_preprocessed_vectors():
 
 def test_unclamped_and_init():
     pool = make_tiny_pool()
-    model = AdaMergingModel(pool, granularity="task", clamp=False, init=0.3)
+    model = AdaMergingModel(pool, granularity="task", clamp=False, init_lam=0.3)
     assert model.lambdas.shape == (3, 1) and torch.all(model.lambdas == 0.3)
     with torch.no_grad():
         model.lambdas.copy_(torch.tensor([[1.5], [-0.5], [0.2]]))
@@ -231,7 +231,7 @@ def test_generic_constructor_passes_non_float_buffers_through():
         {"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros(3)},
         {"lin.weight": torch.zeros(3, 4), "lin.bias": torch.ones(3)},
     ]
-    model = AdaMergingModel.from_task_vectors(enc, theta0, taus, granularity="task", init=0.5, task_names=["a", "b"])
+    model = AdaMergingModel.from_task_vectors(enc, theta0, taus, granularity="task", init_lam=0.5, task_names=["a", "b"])
     assert model.layer_names == ["lin.weight", "lin.bias"]
     merged = model.merged_state_dict()
     assert torch.equal(merged["offset"], theta0["offset"])
@@ -262,12 +262,6 @@ def test_bad_inputs_are_refused():
         AdaMergingModel.from_task_vectors(pool.encoder, theta0, [bad])
     with pytest.raises(ValueError, match="has no expert"):
         AdaMergingModel(pool, tasks=["task0", "nope"])
-
-
-def test_freeze_as_buffers_leaves_no_parameters():
-    lin = freeze_as_buffers(nn.Linear(3, 2, bias=False))
-    assert list(lin.parameters()) == [] and lin.state_dict() == {} and lin.bias is None
-    assert lin(torch.randn(1, 3)).shape == (1, 2)
 
 
 @pytest.mark.gpu

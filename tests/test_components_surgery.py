@@ -211,8 +211,12 @@ def test_only_aligners_learn_and_are_saved(version):
     names = [n for n, _ in model.named_parameters()]
     assert names and all(n.startswith(("aligners.", "block_aligners.")) for n in names)
     assert all(p.requires_grad for p in model.parameters())
-    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert list(model.encoder.parameters()) == []  # frozen weights are non-persistent buffers
+    assert not any(b.requires_grad for b in model.encoder.buffers())
     assert set(model.state_dict()) == set(names)
+    frozen = model.frozen_state_dict()
+    assert list(frozen) == list(pool.encoder.state_dict())
+    assert all(torch.equal(v, pool.encoder.state_dict()[k]) for k, v in frozen.items())
     model.train()
     assert not model.encoder.training
 
@@ -247,10 +251,10 @@ def test_deepcopy_and_pickle_keep_v2_hooks_working():
         assert not torch.allclose(clone("task1", x).final, expected.final)
 
 
-def test_to_dtype_moves_the_hidden_encoder():
+def test_to_dtype_moves_the_frozen_encoder():
     pool = make_tiny_pool()
     model = SurgeryModel(pool.build_encoder(), pool.tasks, rank=RANK, version="v1").double()
-    assert next(model.encoder.parameters()).dtype == torch.float64
+    assert all(b.dtype == torch.float64 for b in model.frozen_state_dict().values())
     assert model("task0", _images().double()).final.dtype == torch.float64
 
 

@@ -94,7 +94,7 @@ def pool():
 
 
 def test_init_with_constant_router_equals_task_arithmetic(pool):
-    model = WEMoEModel(pool, init_lambda=LAM)  # base: task arithmetic, λ = 0.3 = LAM
+    model = WEMoEModel(pool, init_lam=LAM)  # base: task arithmetic, λ = 0.3 = LAM
     with torch.no_grad():
         for router in model.routers:
             for m in router:
@@ -108,7 +108,7 @@ def test_init_with_constant_router_equals_task_arithmetic(pool):
 
 
 def test_router_init():
-    r = build_router(64, 5, hidden_layers=1, init_lambda=0.25)
+    r = build_router(64, 5, hidden_layers=1, init_lam=0.25)
     assert [type(m) for m in r] == [nn.Linear, nn.ReLU, nn.Linear]
     assert torch.equal(r[0].bias, torch.zeros(64)) and torch.equal(r[2].bias, torch.full((5,), 0.25))
     assert abs(r[0].weight.std().item() - 0.01) < 0.002
@@ -177,7 +177,7 @@ def test_trainable_counts_match_formula(pool):
     per_router = {0: d * K + K, 1: d * d + d + d * K + K, 2: 2 * (d * d + d) + d * K + K}
     for h, n in per_router.items():
         assert WEMoEModel(pool, router_hidden_layers=h).trainable_parameter_count() == L * n
-    shared = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
+    shared = WEMoEModel(pool, shared_router=True, keep=0.1)
     assert shared.trainable_parameter_count() == per_router[1]
     assert all(m.router is shared.routers[0] for m in shared.mlps)
 
@@ -192,7 +192,7 @@ def test_e_wemoe_keeps_exact_top_fraction(pool):
     assert t[kept].abs().min() > t[~kept].abs().max()
     assert torch.equal(prune_top_magnitude(t, 1.0), t)
 
-    model = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
+    model = WEMoEModel(pool, shared_router=True, keep=0.1)
     tau = pool.task_vector("task1")["transformer.resblocks.1.mlp.c_fc.weight"]
     threshold = tau.abs().flatten().sort(descending=True).values[math.ceil(0.1 * tau.numel()) - 1]
     expected = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
@@ -287,8 +287,8 @@ def test_errors(pool):
         WEMoEModel(bad_pool)
     with pytest.raises(WEMoEError, match="no transformer.resblocks"):
         WEMoEModel(ModelPool(nn.Linear(2, 2), {"a": nn.Linear(2, 2).state_dict()}, {"a": torch.eye(2)}))
-    with pytest.raises(WEMoEError, match="keep_ratio"):
-        WEMoEModel(pool, keep_ratio=0.0)
+    with pytest.raises(WEMoEError, match="keep"):
+        WEMoEModel(pool, keep=0.0)
     with pytest.raises(WEMoEError, match="router_hidden_layers"):
         WEMoEModel(pool, router_hidden_layers=-1)
     three = WEMoEModel(pool)
@@ -322,5 +322,5 @@ def test_vit_b32_eight_task_trainable_counts():
     wemoe = WEMoEModel(pool)
     assert wemoe.trainable_parameter_count() == L * router == 7_160_928
     del wemoe
-    e_wemoe = WEMoEModel(pool, shared_router=True, keep_ratio=0.1)
+    e_wemoe = WEMoEModel(pool, shared_router=True, keep=0.1)
     assert e_wemoe.trainable_parameter_count() == router == 596_744

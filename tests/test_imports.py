@@ -13,7 +13,8 @@ On that graph: no cycle, and these layers never reach (directly or through other
 * the task registry → the mini benchmark;
 * components/ → systems, cli;
 * the core (merging, components, systems, models, data without data/mini) → the demo, the mini
-  benchmark and its builder, reporting (results tables, the CLI's run report), the CLI;
+  benchmark and its builder, reporting (results tables, the CLI's run report, the W&B story), the CLI;
+  nor does the core import ``wandb`` or ``matplotlib`` itself (it gives plain data; reporting draws);
 * the shared helpers (``files``, ``records``, ``errors``) → any of the above.
 """
 
@@ -34,6 +35,8 @@ ROOT = "adamerge"
 CORE = ("merging", "components", "systems", "models", "data")
 NOT_CORE = ("data.mini",)
 HELPERS = ("files", "records", "errors")  # what every layer may use
+REPORTING = ("results", "report", "wandb_story")  # tables, the run report, what W&B shows
+DRAWING = ("wandb", "matplotlib")  # third-party packages only reporting imports
 
 
 # ---- reading the package ---------------------------------------------------------------------------
@@ -245,9 +248,9 @@ RULES = {
     "components do not import systems or the CLI": (
         lambda m: in_layer(m, ["components"]), lambda m: in_layer(m, ["systems", "cli"])),
     "the core imports no demo, benchmark builder, reporting or CLI": (
-        _core, lambda m: in_layer(m, ["demo", "results", "report", "data.mini", "cli"])),
+        _core, lambda m: in_layer(m, ["demo", *REPORTING, "data.mini", "cli"])),
     "the shared helpers (files, records, errors) import no layer above them": (
-        lambda m: in_layer(m, HELPERS), lambda m: in_layer(m, [*CORE, "cli", "demo", "results", "report"])),
+        lambda m: in_layer(m, HELPERS), lambda m: in_layer(m, [*CORE, "cli", "demo", *REPORTING])),
 }
 
 
@@ -256,6 +259,26 @@ def test_layer_rule(rule):
     sources, forbidden = RULES[rule]
     paths = forbidden_paths(GRAPH, [m for m in GRAPH if sources(m)], forbidden)
     assert not paths, f"{rule}; broken by:{_fmt(paths)}"
+
+
+def third_party_imports(source: str) -> set[str]:
+    """Top-level names of the absolute imports in ``source`` (``import wandb.sdk`` → ``wandb``)."""
+    names = set()
+    for node in _import_statements(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_core_draws_nothing():
+    root = Path(adamerge.__file__).parent
+    found = {name: sorted(third_party_imports(path.read_text(encoding="utf-8")) & set(DRAWING))
+             for name, (path, _) in find_modules(root, ROOT).items() if _core(name)}
+    assert not {k: v for k, v in found.items() if v}, "the core imports a drawing or W&B package"
+    assert third_party_imports("import wandb.sdk\nfrom matplotlib.figure import Figure\nfrom . import x\n") == {
+        "wandb", "matplotlib"}
 
 
 def test_layer_rules_can_fail():

@@ -89,8 +89,8 @@ def test_resume_into_another_granularity_or_method_is_refused(tmp_path):
     path = _checkpointed(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer")))
     with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
         _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="task")), 4, ckpt_path=str(path))
-    with pytest.raises(CheckpointMismatchError, match="method.ties_keep = None, this run has 0.2"):
-        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", ties_keep=0.2)), 4, ckpt_path=str(path))
+    with pytest.raises(CheckpointMismatchError, match="method.keep = None, this run has 0.2"):
+        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", keep=0.2)), 4, ckpt_path=str(path))
     with pytest.raises(CheckpointMismatchError, match="system = 'AdaMerging', this run has 'ScaledProbe'"):
         _fit(tmp_path, ScaledProbe(pool), 4, ckpt_path=str(path))
 
@@ -181,9 +181,9 @@ def test_an_insane_learning_rate_is_refused_naming_lr(tmp_path, lr):
 
 
 def test_init_outside_the_clamp_range_is_refused():
-    with pytest.raises(ValueError, match=r"init 1.5 is outside the clamp range \[0, 1\]"):
-        AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init=1.5))
-    AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init=1.5, clamp=False))  # without the clamp it is a valid start
+    with pytest.raises(ValueError, match=r"init_lam 1.5 is outside the clamp range \[0, 1\]"):
+        AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init_lam=1.5))
+    AdaMerging(make_tiny_pool(), model=partial(AdaMergingModel, init_lam=1.5, clamp=False))  # without the clamp it is a valid start
 
 
 def test_duplicate_task_names_are_refused():

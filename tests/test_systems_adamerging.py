@@ -1,9 +1,8 @@
-"""AdaMerging LightningModule: a short fit lowers the entropy; checkpoints, export and W&B heatmap."""
+"""AdaMerging LightningModule: a short fit lowers the entropy; checkpoints, export, diagnostics."""
 
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 
 import lightning as L
@@ -19,7 +18,7 @@ from adamerge.components.adamerging import AdaMergingModel
 from adamerge.components.losses import entropy
 from adamerge.data.datamodule import TestTimeDataModule
 from adamerge.models.pool import ModelPool
-from adamerge.systems.adamerging import AdaMerging, coefficient_heatmap
+from adamerge.systems.adamerging import AdaMerging
 from adamerge.systems.base import CheckpointMismatchError
 
 
@@ -94,7 +93,7 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     assert list(state["state_dict"]) == ["model.lambdas"]
     assert "hyper_parameters" not in state  # state, never configuration
     assert state["adamerge"]["method"] == {"component": "adamerge.components.adamerging.AdaMergingModel",
-                                           "granularity": "layer", "clamp": True, "ties_keep": None}
+                                           "granularity": "layer", "clamp": True, "keep": None}
     assert path.stat().st_size < 20_000
     restored = AdaMerging.load_from_checkpoint(path, pool=pool)
     torch.testing.assert_close(restored.model.lambdas, system.model.lambdas)
@@ -129,23 +128,23 @@ def test_export_writes_merged_model_and_coefficients(tmp_path):
     assert set(metrics["accuracy"]) == {"task0", "task1", "task2"}
 
 
-def test_heatmap_figure_and_wandb_logging(tmp_path, monkeypatch):
-    coef = torch.rand(3, 7)
-    fig = coefficient_heatmap(coef, ["a", "b", "c"], [f"l{i}" for i in range(7)])
-    image = fig.axes[0].images[0].get_array()
-    assert image.shape == (3, 7) and torch.allclose(torch.tensor(image.data), coef)
-
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = WandbLogger(project="adamerge-test", save_dir=str(tmp_path), offline=True)
-    system = AdaMerging(soft_pool(), model=partial(AdaMergingModel, granularity="layer"))
-    dm = TestTimeDataModule(TinySource(n=8), batch_size=4, eval_batch_size=8, steps_per_epoch=2)
-    trainer(tmp_path, max_steps=2, limit_val_batches=None, logger=logger, log_every_n_steps=1).fit(system, dm)
-    run_dir = logger.experiment.dir
-    logger.experiment.finish()
-    media = [f for _, _, files in os.walk(os.path.dirname(run_dir)) for f in files if f.endswith(".png")]
-    assert any(name.startswith("heatmap") for name in media), media
+def test_diagnostics_give_the_coefficients_as_plain_data():
+    pool = soft_pool()
+    layer = AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", init_lam=0.4, clamp=False))
+    with torch.no_grad():
+        layer.model.lambdas[1, 2] = 1.7  # an unclamped λ is shown as it is
+    d = layer.diagnostics()["coefficients"]
+    assert (d["tasks"], d["layers"], d["clamp"]) == (pool.tasks, layer.model.layer_names, False)
+    assert d["init_lam"] == pytest.approx(0.4)  # λ's float32 value
+    expected = torch.full((3, len(layer.model.layer_names)), 0.4)
+    expected[1, 2] = 1.7
+    torch.testing.assert_close(d["values"], expected)
+    task = AdaMerging(pool, model=partial(AdaMergingModel, granularity="task"))
+    with torch.no_grad():
+        task.model.lambdas[0, 0] = 1.5  # clamped to 1 in the merge, and in what is shown
+    d = task.diagnostics()["coefficients"]
+    assert d["layers"] == ["all"] and d["init_lam"] == pytest.approx(0.3)
+    torch.testing.assert_close(d["values"], torch.tensor([[1.0], [0.3], [0.3]]))
 
 
 def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path):

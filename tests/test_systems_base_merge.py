@@ -8,6 +8,7 @@ from conftest import make_tiny_pool
 from safetensors.torch import save_file
 
 from adamerge.merging.task_vectors import MergeError, add_task_vector, sum_task_vectors
+from adamerge.models import checkpoints
 from adamerge.systems.base_merge import base_merge_state, is_path
 
 
@@ -55,3 +56,19 @@ def test_what_counts_as_a_path(tmp_path):
     (tmp_path / "run").mkdir()
     assert is_path("runs/x/merged.safetensors") and is_path("merged.pt") and is_path(str(tmp_path / "run"))
     assert not is_path("task_arithmetic") and not is_path({"method": "ties"})
+    assert is_path is checkpoints.is_path  # one guess (also load_clip's), re-exported here
+
+
+def test_the_label_of_a_base_merge_is_its_methods_or_its_exports(tmp_path):
+    from adamerge.files import atomic_dir
+    from adamerge.systems.base_merge import base_merge_label
+
+    assert base_merge_label("task_arithmetic") == "TA"
+    assert base_merge_label({"method": "ties", "keep": 0.2}) == "TIES"
+    assert base_merge_label({"lam": 0.3}) == "TA"  # the mapping's default method
+    assert base_merge_label("my_merge") == "my_merge"  # unregistered: its own name
+    with atomic_dir(tmp_path / "run" / "export", manifest={"method": "AdaMerging++"}) as d:
+        (d / "merged.safetensors").write_bytes(b"x")
+    assert base_merge_label(str(tmp_path / "run" / "export" / "merged.safetensors")) == "AdaMerging++"
+    (tmp_path / "loose.safetensors").write_bytes(b"x")  # no manifest beside it: the file's stem
+    assert base_merge_label(tmp_path / "loose.safetensors") == "loose"

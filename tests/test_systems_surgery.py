@@ -90,7 +90,7 @@ def test_loss_and_logits_match_written_out_computations_at_init(version):
 def test_fit_trains_only_aligners_and_pulls_features_toward_the_expert(tmp_path, version):
     pool = make_tiny_pool(scale=0.2)
     system = Surgery(pool, optimizer=partial(torch.optim.Adam, lr=1e-2), model=partial(SurgeryModel, version=version, rank=8))
-    frozen_before = {k: v.clone() for k, v in system.model.encoder.state_dict().items()}
+    frozen_before = {k: v.clone() for k, v in system.model.frozen_state_dict().items()}
     x = _images(16, seed=5)
     with torch.no_grad():
         before = {t: system.adaptation_loss(t, x).item() for t in pool.tasks}
@@ -99,10 +99,20 @@ def test_fit_trains_only_aligners_and_pulls_features_toward_the_expert(tmp_path,
     with torch.no_grad():
         after = {t: system.adaptation_loss(t, x).item() for t in pool.tasks}
     assert all(after[t] < before[t] for t in pool.tasks), (before, after)
-    assert all(torch.equal(frozen_before[k], v) for k, v in system.model.encoder.state_dict().items())
+    frozen_after = system.model.frozen_state_dict()
+    assert frozen_before and all(torch.equal(frozen_before[k], v) for k, v in frozen_after.items())
     names = [n for n, p in system.named_parameters() if p.requires_grad]
     assert names and all(n.startswith(("model.aligners.", "model.block_aligners.")) for n in names)
     assert all(torch.count_nonzero(p) > 0 for n, p in system.named_parameters() if ".up." in n)
+
+
+def test_ddp_ignores_the_frozen_encoder():
+    system = Surgery(make_tiny_pool(), model=partial(SurgeryModel, version="v2", rank=4))
+    system.setup("fit")
+    ignored = set(system._ddp_params_and_buffers_to_ignore)
+    frozen = {f"model.encoder.{k}" for k in system.model.frozen_state_dict()}
+    assert frozen and frozen <= ignored  # never broadcast, never bucketed
+    assert not ignored & {n for n, _ in system.named_parameters()}
 
 
 def test_checkpoint_holds_only_aligners_and_refuses_other_shapes(tmp_path):

@@ -35,8 +35,8 @@ def test_defaults_and_learnable_parameters():
     assert sum(v.numel() for v in learnable.values()) == system.model.trainable_parameter_count()
     trainable = {n for n, p in system.named_parameters() if p.requires_grad}
     assert trainable == set(learnable)
-    e = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, chunk_size=3, impl="experts"))  # E-WEMoE is a config
-    assert len(e.model.routers) == 1 and e.model.config["keep_ratio"] == 0.1
+    e = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep=0.1, chunk_size=3, impl="experts"))  # E-WEMoE is a config
+    assert len(e.model.routers) == 1 and e.model.config["keep"] == 0.1
     assert (e.method_label, system.method_label) == ("E-WEMoE", "WEMoE")
     assert e.model.mlps[0].chunk_size == 3 and e.model.mlps[1].impl == "experts"
     with pytest.raises(ValueError, match="tv_dtype"):
@@ -97,7 +97,7 @@ def test_fit_checkpoints_routers_only_and_exports_a_rebuildable_model(tmp_path):
 
 def test_export_round_trip_with_shared_router_and_bfloat16(tmp_path):
     pool = make_tiny_pool()
-    system = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep_ratio=0.1, tv_dtype="bfloat16"))
+    system = WEMoE(pool, model=partial(WEMoEModel, shared_router=True, keep=0.1, tv_dtype="bfloat16"))
     with torch.no_grad():
         for p in system.model.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -9,10 +9,11 @@ on them through :func:`torch.func.functional_call`. "Layer" means one floating-p
 encoder's state dict (152 in open_clip 3.x's ViT-B/32 visual tower), as in the official code.
 
 Storage (what makes a checkpoint kilobytes): the encoder is a deep copy whose parameters have been
-turned into *non-persistent buffers* (:func:`freeze_as_buffers`) — they hold θ_0, move with
-``.to(device)``, never require grad and never reach ``state_dict``. The K task vectors are stacked
-into one flat non-persistent buffer ``[K, N]`` (float32, or bfloat16 to halve memory). The only
-parameter, and the only entry of ``state_dict()``, is the coefficient tensor ``lambdas``.
+turned into *non-persistent buffers* (:func:`~adamerge.components.frozen.freeze_as_buffers`, the
+components' one freeze rule) — they hold θ_0, move with ``.to(device)``, never require grad and
+never reach ``state_dict``. The K task vectors are stacked into one flat non-persistent buffer
+``[K, N]`` (float32, or bfloat16 to halve memory). The only parameter, and the only entry of
+``state_dict()``, is the coefficient tensor ``lambdas``.
 
 The merge is fused: task-wise it is one matrix-vector product ``λ @ T`` over the whole flat buffer;
 layer-wise it is one product ``λ[:, l] @ T[:, slice_l]`` per tensor — never a Python loop over
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from adamerge.components.frozen import freeze_as_buffers
 from adamerge.merging.task_vectors import (
     MergeError,
     check_compatible,
@@ -41,23 +43,7 @@ from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
-__all__ = ["AdaMergingModel", "Granularity", "freeze_as_buffers", "stack_task_vectors"]
-
-
-
-def freeze_as_buffers(module: nn.Module) -> nn.Module:
-    """Turn every parameter (and buffer) of ``module`` into a frozen, non-persistent buffer, in place.
-
-    Afterwards ``module.parameters()`` is empty, ``module.state_dict()`` is empty, and ``.to()``
-    still moves the tensors. Use it on a copy: the caller's module is changed.
-    """
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is not None:  # a None slot (``bias=False``) stays a None parameter
-                del sub._parameters[name]
-                sub.register_buffer(name, p.detach().requires_grad_(False), persistent=False)
-        sub._non_persistent_buffers_set.update(sub._buffers.keys())
-    return module
+__all__ = ["AdaMergingModel", "Granularity", "stack_task_vectors"]
 
 
 def stack_task_vectors(
@@ -165,9 +151,9 @@ class AdaMergingModel(nn.Module):
             stacked, so only one expert is ever materialised).
         tasks: the experts to merge, in order; default all of the pool's tasks.
         granularity: ``"task"`` (one λ per task) or ``"layer"`` (one λ per tensor per task).
-        init: initial value of every coefficient (0.3 in the paper).
+        init_lam: initial value λ of every coefficient (0.3 in the paper).
         clamp: clamp λ to [0, 1] inside the merge (official code; FusionBench does not).
-        ties_keep: if set, TIES-preprocess the task vectors first (AdaMerging++), keeping this
+        keep: if set, TIES-preprocess the task vectors first (AdaMerging++), keeping this
             fraction of magnitudes (0.2 in the paper).
         tv_dtype: storage dtype of the stacked task vectors, ``"float32"`` or ``"bfloat16"`` (half
             the memory).
@@ -178,21 +164,21 @@ class AdaMergingModel(nn.Module):
         pool: ModelPool,
         tasks: Sequence[str] | None = None,
         granularity: Granularity = "layer",
-        init: float = 0.3,
+        init_lam: float = 0.3,
         clamp: bool = True,
-        ties_keep: float | None = None,
+        keep: float | None = None,
         tv_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
         storage = dtype_named(tv_dtype, "tv_dtype", ("float32", "bfloat16"))
-        if not math.isfinite(init):
-            raise ValueError(f"init must be finite, got {init}")
-        if clamp and not 0.0 <= init <= 1.0:
+        if not math.isfinite(init_lam):
+            raise ValueError(f"init_lam must be finite, got {init_lam}")
+        if clamp and not 0.0 <= init_lam <= 1.0:
             raise ValueError(
-                f"init {init} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
-                "would never move; use an init in [0, 1] or clamp: false"
+                f"init_lam {init_lam} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
+                "would never move; use an init_lam in [0, 1] or clamp: false"
             )
         task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
         encoder, pretrained_state = pool.encoder, pool.pretrained_state()
@@ -202,13 +188,13 @@ class AdaMergingModel(nn.Module):
         reference = {k: v for k, v in pretrained_state.items() if is_mergeable(v)}
         if not reference:
             raise MergeError("the encoder has no floating-point tensors to merge")
-        if ties_keep is not None:
+        if keep is not None:
             from adamerge.merging.ties import ties_preprocess
 
-            task_vectors = ties_preprocess([dict(t) for t in task_vectors], keep=ties_keep)
+            task_vectors = ties_preprocess([dict(t) for t in task_vectors], keep=keep)
         num_tasks = len(task_vectors)
         self.task_names = list(task_names)
-        self.granularity, self.clamp, self.ties_keep = granularity, bool(clamp), ties_keep
+        self.granularity, self.clamp, self.keep = granularity, bool(clamp), keep
         self.layer_names = list(reference)
         self._shapes = [tuple(v.shape) for v in reference.values()]
         self._sizes = [v.numel() for v in reference.values()]
@@ -221,7 +207,8 @@ class AdaMergingModel(nn.Module):
             "task_vectors", stack_task_vectors(task_vectors, reference, storage), persistent=False
         )
         shape = (num_tasks, len(self.layer_names)) if granularity == "layer" else (num_tasks, 1)
-        self.lambdas = nn.Parameter(torch.full(shape, float(init)))
+        self.init_lam = float(init_lam)  # every λ's start (diagnostics centre their colours on it)
+        self.lambdas = nn.Parameter(torch.full(shape, self.init_lam))
 
     @classmethod
     def from_task_vectors(
@@ -239,7 +226,7 @@ class AdaMergingModel(nn.Module):
             pretrained_state: θ_0 (same keys and shapes as ``encoder.state_dict()``).
             task_vectors: K task vectors τ_k over θ_0's floating-point keys (a sequence; may be lazy).
             task_names: names of the K tasks (for export and plots); default ``task0..task{K-1}``.
-            **kwargs: the constructor's method arguments (granularity, init, clamp, ties_keep, tv_dtype).
+            **kwargs: the constructor's method arguments (granularity, init_lam, clamp, keep, tv_dtype).
         """
         if len(task_vectors) == 0:
             raise MergeError("no task vectors given: AdaMerging needs at least one")
@@ -251,12 +238,12 @@ class AdaMergingModel(nn.Module):
     @property
     def label(self) -> str:
         """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, …: the row name in results tables."""
-        name = "AdaMerging++" if self.ties_keep is not None else "AdaMerging"
+        name = "AdaMerging++" if self.keep is not None else "AdaMerging"
         return f"{name} ({self.granularity}-wise)"
 
     def identity(self) -> dict:
         """What the learned λ means (compared when a run is resumed)."""
-        return {"granularity": self.granularity, "clamp": self.clamp, "ties_keep": self.ties_keep}
+        return {"granularity": self.granularity, "clamp": self.clamp, "keep": self.keep}
 
     # ---- coefficients ---------------------------------------------------------------------
     @property

@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.models.pool import ModelPool, freeze
+from adamerge.components.frozen import freeze_as_buffers
+from adamerge.models.pool import ModelPool
 
 __all__ = [
     "VERSIONS",
@@ -54,6 +55,7 @@ __all__ = [
     "SurgeryModel",
     "alignment_loss",
     "encode_with_block_means",
+    "layer_alignment_losses",
     "transformer_blocks",
 ]
 
@@ -192,9 +194,10 @@ def encode_with_block_means(encoder: nn.Module, images: Tensor) -> AlignedFeatur
 class SurgeryModel(nn.Module):
     """A frozen merged encoder followed by per-task aligners (v1: final embedding; V2: every block too).
 
-    The encoder is deep-copied, frozen and kept in eval mode; it is *not* a registered submodule, so
-    ``parameters()`` and ``state_dict()`` hold only the aligners (kilobytes to megabytes) and DDP never
-    sees or broadcasts the frozen weights. ``.to()`` / ``.half()`` still move it (see ``_apply``).
+    The encoder is deep-copied, kept in eval mode and frozen by the components' one rule
+    (:func:`~adamerge.components.frozen.freeze_as_buffers`): its weights are non-persistent buffers, so
+    ``parameters()`` and ``state_dict()`` hold only the aligners (kilobytes to megabytes), ``.to()`` /
+    ``.half()`` move it, and the systems keep DDP off it (buffers are never broadcast).
 
     Args:
         encoder: any merged image encoder ``images -> [B, D]`` (never modified).
@@ -224,8 +227,9 @@ class SurgeryModel(nn.Module):
         if int(rank) < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
         self.tasks, self.version, self.rank = tasks, version, int(rank)
-        frozen = freeze(copy.deepcopy(encoder).eval())
-        self._frozen = [frozen]  # a list hides it from nn.Module registration
+        frozen = copy.deepcopy(encoder).eval()
+        self._encoder_keys = list(frozen.state_dict())
+        self.encoder = freeze_as_buffers(frozen)
         self.depth, self.width, self._recorder = 0, 0, None
         if version == "v2":
             blocks, self.width, batch_first = transformer_blocks(frozen)
@@ -238,20 +242,16 @@ class SurgeryModel(nn.Module):
         )
         self.register_load_state_dict_pre_hook(self._check_loaded_state)
 
-    @property
-    def encoder(self) -> nn.Module:
-        """The frozen merged encoder (eval mode, no grad)."""
-        return self._frozen[0]
-
-    def _apply(self, fn: Callable, recurse: bool = True) -> SurgeryModel:
-        super()._apply(fn, recurse)
-        self.encoder._apply(fn, recurse)
-        return self
-
     def train(self, mode: bool = True) -> SurgeryModel:
         super().train(mode)
-        self.encoder.eval()
+        self.encoder.eval()  # the frozen encoder never trains (no dropout, fixed norms)
         return self
+
+    def frozen_state_dict(self) -> dict[str, Tensor]:
+        """The frozen merged encoder's weights under its own state-dict keys (here they are
+        non-persistent buffers, so ``self.encoder.state_dict()`` is empty)."""
+        buffers = dict(self.encoder.named_buffers())
+        return {k: buffers[k].detach() for k in self._encoder_keys}
 
     def _check_task(self, task: str) -> None:
         if task not in self.aligners:
@@ -339,6 +339,16 @@ def alignment_loss(merged: AlignedFeatures, expert: AlignedFeatures) -> Tensor:
     for m, e in zip(merged.blocks, expert.blocks):
         loss = loss + F.l1_loss(m.float(), e.detach().float())
     return loss
+
+
+@torch.no_grad()
+def layer_alignment_losses(merged: AlignedFeatures, expert: AlignedFeatures) -> Tensor:
+    """The terms of :func:`alignment_loss`, detached: ``[L + 1]``, every block's L1 in order, then the
+    final embedding's (v1: ``[1]``, the final embedding only)."""
+    if len(merged.blocks) != len(expert.blocks):
+        raise ValueError(f"merged model has {len(merged.blocks)} block features, expert {len(expert.blocks)}")
+    pairs = [*zip(merged.blocks, expert.blocks), (merged.final, expert.final)]
+    return torch.stack([F.l1_loss(m.float(), e.float()) for m, e in pairs])
 
 
 class ExpertFeatures:

@@ -18,7 +18,7 @@ n = 0: Linear(d, K); n = 1: Linear(d, d) → ReLU → Linear(d, K) (the paper's 
 7.16M trainable parameters on ViT-B/32 with 8 tasks); n = 2: two hidden stages. Weights N(0, 0.01²),
 hidden biases 0, last bias λ, so at init r ≈ λ and (1) is task arithmetic.
 
-E-WEMoE: each MLP task-vector tensor is pruned to its top ``keep_ratio`` (0.1) magnitudes, and one
+E-WEMoE: each MLP task-vector tensor is pruned to its top ``keep`` (0.1) magnitudes, and one
 router (input width d, the same at every block of a ViT) is shared by all blocks; at block l it reads
 block l's MLP input.
 
@@ -36,7 +36,8 @@ memory is B·out·in per linear (600 MB at B = 64 for B/32's c_fc in float32; ``
 it by merging a few samples at a time). ``batch_reduce=True``
 averages r over the batch, merges once and runs a plain matmul (cheap; used while adapting).
 
-W_0, τ and every frozen parameter are non-persistent buffers: ``state_dict()`` holds only the routers.
+W_0, τ and every frozen parameter are non-persistent buffers (the components' one freeze rule,
+:func:`~adamerge.components.frozen.freeze_as_buffers`): ``state_dict()`` holds only the routers.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from adamerge.components.frozen import freeze_as_buffers
 from adamerge.components.wemoe_mlp import (
     LINEARS,
     Impl,
@@ -54,10 +56,9 @@ from adamerge.components.wemoe_mlp import (
     build_router,
     ensemble_linear,
     find_mlp_blocks,
-    params_to_buffers,
     prune_top_magnitude,
 )
-from adamerge.merging.task_vectors import check_compatible, dtype_named
+from adamerge.merging.task_vectors import add_task_vector, check_compatible, dtype_named
 
 __all__ = [
     "LINEARS",
@@ -68,7 +69,6 @@ __all__ = [
     "build_router",
     "ensemble_linear",
     "find_mlp_blocks",
-    "params_to_buffers",
     "prune_top_magnitude",
 ]
 
@@ -85,11 +85,11 @@ class WEMoEModel(nn.Module):
         tasks: the experts to merge (default: all of the pool's tasks, in its order).
         base_state: a merged encoder state to take the non-MLP parameters from (its MLP entries are
             ignored: W_0 is always θ_0's MLP); None: task arithmetic with λ = 0.3.
-        init_lambda: the routers' last bias (initial routing weight of every expert).
+        init_lam: the routers' last bias (initial routing weight of every expert).
         router_hidden_layers: hidden Linear(d, d) → ReLU stages per router: 0 (linear router),
             1 (the paper's Linear(d, d) → ReLU → Linear(d, K)), 2.
         shared_router: one router for all blocks (E-WEMoE) instead of one per block.
-        keep_ratio: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
+        keep: fraction of each MLP task-vector tensor's largest magnitudes kept (E-WEMoE: 0.1).
         tv_dtype: storage dtype of the MLP task vectors: ``float32``, ``bfloat16`` or ``float16``.
         impl: per-sample evaluation, ``weights`` (per-sample weights + bmm) or ``experts`` (factorised
             through the K task vectors); see :func:`ensemble_linear`.
@@ -104,10 +104,10 @@ class WEMoEModel(nn.Module):
         pool,
         tasks: Sequence[str] | None = None,
         base_state: Mapping[str, Tensor] | None = None,
-        init_lambda: float = 0.3,
+        init_lam: float = 0.3,
         router_hidden_layers: int = 1,
         shared_router: bool = False,
-        keep_ratio: float = 1.0,
+        keep: float = 1.0,
         tv_dtype: str = "float32",
         impl: Impl = "weights",
         chunk_size: int | None = None,
@@ -119,7 +119,7 @@ class WEMoEModel(nn.Module):
         except ValueError as e:
             raise WEMoEError(str(e)) from None
         encoder, taus, tasks, config = _upscale(
-            pool, tasks, base_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, storage
+            pool, tasks, base_state, init_lam, router_hidden_layers, shared_router, keep, storage
         )
         self._setup(*_attach_routers(encoder, taus, tasks, config))
         self.set_impl(impl)
@@ -140,11 +140,11 @@ class WEMoEModel(nn.Module):
     @property
     def label(self) -> str:
         """``E-WEMoE`` for its configuration (one shared router over pruned MLP task vectors), else ``WEMoE``."""
-        return "E-WEMoE" if self.config["shared_router"] and self.config["keep_ratio"] < 1.0 else "WEMoE"
+        return "E-WEMoE" if self.config["shared_router"] and self.config["keep"] < 1.0 else "WEMoE"
 
     def identity(self) -> dict:
         """What the routers mean (compared when a run is resumed)."""
-        return {k: self.config[k] for k in ("router_hidden_layers", "shared_router", "keep_ratio", "init_lambda")}
+        return {k: self.config[k] for k in ("router_hidden_layers", "shared_router", "keep", "init_lam")}
 
     def _setup(self, encoder: nn.Module, routers: nn.ModuleList, tasks: Sequence[str], config: Mapping) -> None:
         self.encoder = encoder
@@ -247,12 +247,12 @@ def _attach_routers(
         encoder: an encoder holding the merged non-MLP weights and W_0 in its MLPs.
         taus: block name → {"fc"/"proj": (τ_w [K, out, in], τ_b [K, out])}.
         tasks: the K task names.
-        config: must hold ``init_lambda``, ``router_hidden_layers`` and ``shared_router``.
+        config: must hold ``init_lam``, ``router_hidden_layers`` and ``shared_router``.
     """
     blocks = find_mlp_blocks(encoder)
     widths = {b.mlp.c_fc.in_features for _, b in blocks}
     K = len(tasks)
-    make = lambda d: build_router(d, K, int(config["router_hidden_layers"]), float(config["init_lambda"]))
+    make = lambda d: build_router(d, K, int(config["router_hidden_layers"]), float(config["init_lam"]))
     if config["shared_router"]:
         if len(widths) != 1:
             raise WEMoEError(f"a shared router needs one MLP input width across blocks, got {sorted(widths)}")
@@ -263,17 +263,17 @@ def _attach_routers(
     for i, (name, block) in enumerate(blocks):
         router = routers[0] if config["shared_router"] else routers[i]
         block.mlp = WeightEnsemblingMLP(block.mlp, taus[name], router, batch_first=batch_first)
-    params_to_buffers(encoder)
+    freeze_as_buffers(encoder)
     return encoder, routers, list(tasks), {**config, "batch_first": batch_first}
 
 
-def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, shared_router, keep_ratio, tv_dtype):
+def _upscale(pool, tasks, merged_state, init_lam, router_hidden_layers, shared_router, keep, tv_dtype):
     """(encoder with θ_0's MLPs and the merged other weights, stacked MLP τ per block, tasks, config):
     one streamed pass over the experts (see :class:`WEMoEModel` for the arguments)."""
     scaling_factor = 0.3  # the paper's task arithmetic for the non-MLP weights when no merged_state
     tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
-    prune_top_magnitude(torch.zeros(1), keep_ratio)  # validate cheap arguments before any heavy work
-    build_router(1, len(tasks), router_hidden_layers, init_lambda)
+    prune_top_magnitude(torch.zeros(1), keep)  # validate cheap arguments before any heavy work
+    build_router(1, len(tasks), router_hidden_layers, init_lam)
     blocks = find_mlp_blocks(pool.encoder)
     keys = _mlp_state_keys(blocks)
     mlp_keys = {k for per in keys.values() for pair in per.values() for k in pair}
@@ -285,25 +285,23 @@ def _upscale(pool, tasks, merged_state, init_lambda, router_hidden_layers, share
             if key in mlp_keys:
                 if key not in stacks:
                     stacks[key] = torch.empty((len(tasks), *t.shape), dtype=tv_dtype or t.dtype)
-                stacks[key][i] = prune_top_magnitude(t, keep_ratio)
+                stacks[key][i] = prune_top_magnitude(t, keep)
             elif merged_state is None:
                 ta_sum[key] = t.float().clone() if key not in ta_sum else ta_sum[key].add_(t.float())
         del tau
-    if merged_state is None:
-        state = {k: v for k, v in theta0.items()}
-        for key, s in ta_sum.items():
-            state[key] = (theta0[key].float() + scaling_factor * s).to(theta0[key].dtype)
+    if merged_state is None:  # task arithmetic: θ_0 + λ Σ_k τ_k on the non-MLP weights
+        state = add_task_vector(theta0, ta_sum, lam=scaling_factor)
     else:
         check_compatible(theta0, merged_state, name="merged_state")
         state = {k: (theta0[k] if k in mlp_keys else merged_state[k].detach()) for k in theta0}
     del ta_sum
     taus = {name: {k: (stacks[w], stacks[b]) for k, (w, b) in per.items()} for name, per in keys.items()}
     config = {
-        "init_lambda": float(init_lambda),
+        "init_lam": float(init_lam),
         "scaling_factor": None if merged_state is not None else float(scaling_factor),
         "router_hidden_layers": int(router_hidden_layers),
         "shared_router": bool(shared_router),
-        "keep_ratio": float(keep_ratio),
+        "keep": float(keep),
         "tv_dtype": str(next(iter(stacks.values())).dtype).replace("torch.", ""),
         "pool": getattr(pool, "name", "pool"),
     }

@@ -24,7 +24,6 @@ __all__ = [
     "build_router",
     "ensemble_linear",
     "find_mlp_blocks",
-    "params_to_buffers",
     "prune_top_magnitude",
 ]
 
@@ -37,7 +36,7 @@ class WEMoEError(ValueError):
 
 
 def build_router(
-    width: int, num_experts: int, hidden_layers: int = 1, init_lambda: float = 0.3
+    width: int, num_experts: int, hidden_layers: int = 1, init_lam: float = 0.3
 ) -> nn.Sequential:
     """The router of eq. (1): ``hidden_layers`` × (Linear(d, d) → ReLU), then Linear(d, K).
 
@@ -45,7 +44,7 @@ def build_router(
         width: input width d (the MLP's input features).
         num_experts: K, the number of task vectors.
         hidden_layers: number of hidden Linear(d, d) → ReLU stages (0, 1 = paper, 2).
-        init_lambda: initial value of the last bias (router output at init ≈ λ).
+        init_lam: initial value of the last bias (router output at init ≈ λ).
     """
     if hidden_layers < 0:
         raise WEMoEError(f"router_hidden_layers must be >= 0, got {hidden_layers}")
@@ -59,7 +58,7 @@ def build_router(
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
-    nn.init.constant_(layers[-1].bias, init_lambda)
+    nn.init.constant_(layers[-1].bias, init_lam)
     return nn.Sequential(*layers)
 
 
@@ -94,18 +93,18 @@ def ensemble_linear(
     raise WEMoEError(f"unknown impl {impl!r}: expected 'weights' or 'experts'")
 
 
-def prune_top_magnitude(t: Tensor, keep_ratio: float) -> Tensor:
-    """A copy of ``t`` keeping its ⌈keep_ratio · numel⌉ largest-magnitude entries, the rest 0.
+def prune_top_magnitude(t: Tensor, keep: float) -> Tensor:
+    """A copy of ``t`` keeping its ⌈keep · numel⌉ largest-magnitude entries, the rest 0.
 
     Args:
         t: any tensor (one task-vector tensor).
-        keep_ratio: fraction kept, in (0, 1]; 1 returns an unpruned copy.
+        keep: fraction kept, in (0, 1]; 1 returns an unpruned copy.
     """
-    if not 0.0 < keep_ratio <= 1.0:
-        raise WEMoEError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if keep_ratio == 1.0 or t.numel() == 0:
+    if not 0.0 < keep <= 1.0:
+        raise WEMoEError(f"keep must be in (0, 1], got {keep}")
+    if keep == 1.0 or t.numel() == 0:
         return t.clone()
-    k = max(1, math.ceil(keep_ratio * t.numel()))
+    k = max(1, math.ceil(keep * t.numel()))
     flat = t.reshape(-1)
     idx = flat.abs().float().topk(k, sorted=False).indices
     out = torch.zeros_like(flat)
@@ -146,17 +145,6 @@ def find_mlp_blocks(encoder: nn.Module) -> list[tuple[str, nn.Module]]:
             )
         found.append((name, block))
     return found
-
-
-def params_to_buffers(module: nn.Module) -> nn.Module:
-    """Turn every parameter of ``module`` (in place) into a non-persistent, gradient-free buffer."""
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is None:
-                continue
-            del m._parameters[name]
-            m.register_buffer(name, p.detach().requires_grad_(False), persistent=False)
-    return module
 
 
 class WeightEnsemblingMLP(nn.Module):

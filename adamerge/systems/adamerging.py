@@ -3,13 +3,13 @@
     min_λ  Σ_k  mean_b H( softmax( head_k( f(x_{k,b}; θ_0 + Σ_j λ_j τ_j) ) ) )
 
 task-wise (one λ_j per task) or layer-wise (one λ_j^l per tensor l), init 0.3, Adam lr 1e-3,
-λ clamped to [0, 1] in the merge (official code), AdaMerging++ when ``ties_keep`` is set (the τ_j
+λ clamped to [0, 1] in the merge (official code), AdaMerging++ when ``keep`` is set (the τ_j
 TIES-trimmed and sign-elected first). Only λ is trained and checkpointed (kilobytes).
 
 Each step merges once and runs one forward over the concatenated per-task batches; evaluation
 merges once per epoch. ``export`` writes ``merged.safetensors`` (the merged encoder, via the pool)
-and the coefficients as ``coefficients.json`` and ``coefficients.safetensors``. With a
-``WandbLogger`` a heatmap of the coefficients (tasks × layers) is logged at validation epoch end.
+and the coefficients as ``coefficients.json`` and ``coefficients.safetensors``. ``diagnostics()``
+gives the coefficients as plain data (:mod:`adamerge.wandb_story` draws them as a heatmap).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from adamerge.models.checkpoints import save_state_dict
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import TestTimeSystem, default_optimizer
 
-__all__ = ["AdaMerging", "coefficient_heatmap"]
+__all__ = ["AdaMerging"]
 
 
 class AdaMerging(TestTimeSystem):
@@ -40,7 +40,7 @@ class AdaMerging(TestTimeSystem):
         pool: the model pool (pretrained encoder, experts, zero-shot heads).
         tasks: the tasks to merge and adapt on, in order; default all of the pool's tasks.
         model: the coefficients, ``class_path: adamerge.components.adamerging.AdaMergingModel`` with
-            its ``init_args`` (granularity, init, clamp, ties_keep, tv_dtype; documented there);
+            its ``init_args`` (granularity, init, clamp, keep, tv_dtype; documented there);
             default its defaults (layer-wise, init 0.3, clamped to [0, 1]).
         optimizer: optimizer for the coefficients (default Adam, lr 1e-3).
         export_dir: if set, the merged model, coefficients and ``metrics.json`` go here after fit.
@@ -91,36 +91,23 @@ class AdaMerging(TestTimeSystem):
     def on_validation_epoch_end(self) -> None:
         self._eval_params = None
         super().on_validation_epoch_end()
-        if not self.trainer.sanity_checking:
-            self._log_heatmap()
 
     def on_test_epoch_end(self) -> None:
         self._eval_params = None
         super().on_test_epoch_end()
 
-    # ---- W&B heatmap -----------------------------------------------------------------------
-    def _log_heatmap(self) -> None:
-        from lightning.pytorch.loggers import WandbLogger
+    # ---- diagnostics and export --------------------------------------------------------------
+    def diagnostics(self) -> dict:
+        """``{"coefficients": {values, tasks, layers, init_lam, clamp, granularity}}``: the effective λ
+        ``[K, L]`` (task-wise ``[K, 1]``, layer ``"all"``), on CPU, and the initial λ."""
+        coef = self.model.coefficients().detach().float().cpu()
+        layers = list(self.model.layer_names)
+        if self.model.granularity == "task":
+            coef, layers = coef[:, :1], ["all"]
+        return {"coefficients": {"values": coef, "tasks": list(self.tasks), "layers": layers,
+                                 "init_lam": self.model.init_lam, "clamp": self.model.clamp,
+                                 "granularity": self.model.granularity}}
 
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
-        if not loggers or not self.trainer.is_global_zero:
-            return
-        import wandb
-
-        fig = coefficient_heatmap(
-            self.model.coefficients().detach().cpu(), self.tasks, self.model.layer_names
-        )
-        try:
-            for lg in loggers:
-                lg.experiment.log(
-                    {"coefficients/heatmap": wandb.Image(fig), "trainer/global_step": self.global_step}
-                )
-        finally:
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-
-    # ---- export ----------------------------------------------------------------------------
     def coefficients_dict(self) -> dict:
         """The effective coefficients as plain data: tasks, layer names, ``[K][L]`` values."""
         coef = self.model.coefficients().detach().cpu()
@@ -141,21 +128,3 @@ class AdaMerging(TestTimeSystem):
             directory / "coefficients.safetensors",
             metadata={"tasks": json.dumps(self.tasks), "layers": json.dumps(self.model.layer_names)},
         )
-
-
-def coefficient_heatmap(coefficients: Tensor, tasks: list[str], layers: list[str]):
-    """A matplotlib figure of the ``[K, L]`` coefficients (tasks × layers)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    k, n = coefficients.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.08 * n, 24), 1 + 0.4 * k))
-    im = ax.imshow(coefficients.float().numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(k), labels=tasks)
-    ax.set_xlabel(f"layer (parameter tensor, {n} in all)")
-    ax.set_title("AdaMerging coefficients λ")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    return fig

@@ -41,7 +41,9 @@ fingerprints of θ_0 and every expert, the run id); a resume that differs in any
 the first step, naming the field, and a checkpoint never changes a configuration value
 (:mod:`adamerge.systems.runs`). At the start of ``fit`` an ``export_dir`` holding another run's files is
 refused (unless ``overwrite``); at the end rank 0 writes ``export(dir)`` and ``metrics.json`` into a
-temporary folder swapped in as one set with a ``manifest.json`` of sha256 hashes.
+temporary folder swapped in as one set with a ``manifest.json`` of sha256 hashes; every callback with
+an ``on_export(trainer, module, directory)`` method adds its files to the set (:class:`RunRecord`,
+added by ``configure_callbacks``, writes the results record ``metrics.json``).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from adamerge.components.losses import entropy
 from adamerge.files import atomic_dir, atomic_path, sweep_temporaries
 from adamerge.models.pool import ModelPool, zero_shot_logits
-from adamerge.records import write_metrics
+from adamerge.systems.record import RunRecord
 from adamerge.systems.runs import (
     AtomicCheckpointIO,
     CheckpointMismatchError,
+    check_data,
     check_export_dir,
     check_learnable_state,
     check_learning_rates,
@@ -141,8 +144,6 @@ class TestTimeSystem(L.LightningModule):
         self.save_hyperparameters(ignore=["pool", "optimizer", "model"])
         self.pool = pool
         self.tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"duplicate task in {self.tasks}")
         self.optimizer = optimizer
         self.export_dir = export_dir
         self.overwrite = False
@@ -231,7 +232,7 @@ class TestTimeSystem(L.LightningModule):
         _quiet_frozen_eval_notice()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and getattr(dm, "tasks", None) is not None:
-            self._check_data(list(dm.tasks), getattr(dm, "num_classes", None))
+            check_data(self.tasks, self.num_classes, list(dm.tasks), getattr(dm, "num_classes", None))
             self._eval_tasks = list(dm.tasks)
         learnable = set(self.learnable_state_dict())
         frozen = [n for n, _ in self.named_parameters() if n not in learnable]
@@ -253,24 +254,6 @@ class TestTimeSystem(L.LightningModule):
             paths = {"log dir": trainer.log_dir if trainer.loggers else None}
             paths.update({f"checkpoint dir {i}": d for i, d in enumerate(dirs)})
             check_export_dir(self.export_dir, self.run_id, self.overwrite, paths)
-
-    def _check_data(self, data_tasks: list[str], num_classes: Mapping[str, int] | None) -> None:
-        extra = [t for t in data_tasks if t not in self.tasks]
-        if extra:
-            raise ValueError(
-                f"the data has task {extra[0]!r} that the model does not (model tasks: {self.tasks})"
-            )
-        missing = [t for t in self.tasks if t not in data_tasks]
-        if missing:
-            raise ValueError(
-                f"the model has task {missing[0]!r} that the data does not (data tasks: {data_tasks})"
-            )
-        for task, count in (num_classes or {}).items():
-            if count is not None and task in self.num_classes and int(count) != self.num_classes[task]:
-                raise ValueError(
-                    f"task {task!r}: the zero-shot head has {self.num_classes[task]} classes but the data "
-                    f"has {count}"
-                )
 
     # ---- training --------------------------------------------------------------------------
     def training_step(self, batch: Mapping, batch_idx: int) -> Tensor:
@@ -383,6 +366,13 @@ class TestTimeSystem(L.LightningModule):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # ---- export ----------------------------------------------------------------------------
+    def configure_callbacks(self) -> list:
+        """A :class:`RunRecord` when this run exports and the trainer has none: ``metrics.json`` is
+        written by every run, from the CLI, the demo or a plain ``Trainer``."""
+        if self.export_dir is None or any(isinstance(c, RunRecord) for c in self.trainer.callbacks):
+            return []
+        return [RunRecord()]
+
     def on_fit_end(self) -> None:
         if self.export_dir is None:
             return
@@ -391,7 +381,9 @@ class TestTimeSystem(L.LightningModule):
                         "tasks": list(self.tasks), "step": int(self.trainer.global_step)}
             with atomic_dir(self.export_dir, manifest=manifest) as directory:
                 self.export(directory)
-                self.write_metrics(directory)
+                for callback in self.trainer.callbacks:  # e.g. RunRecord: metrics.json joins the set
+                    if hasattr(callback, "on_export"):
+                        callback.on_export(self.trainer, self, directory)
         self.trainer.strategy.barrier("adamerge-export")
 
     @property
@@ -402,22 +394,7 @@ class TestTimeSystem(L.LightningModule):
             return str(getattr(self.component, "label", type(self.component).__name__))
         return type(self).__name__
 
-    def write_metrics(self, directory: Path) -> Path | None:
-        """``directory/metrics.json`` in :mod:`adamerge.results`' format, from the last validation.
-
-        The seed is Lightning's global seed (``seed_everything``); the benchmark is the pool's ``benchmark_id``.
-        Nothing is written when no validation ran (``limit_val_batches=0``).
-        """
-        accuracy = {t: self.last_metrics[f"val/acc/{t}"] for t in self.tasks if f"val/acc/{t}" in self.last_metrics}
-        if not accuracy:
-            warnings.warn(f"{type(self).__name__}: no validation ran, so no metrics.json in {directory}", stacklevel=2)
-            return None
-        step = int(self.trainer.global_step)
-        if self.last_metrics_step != step:
-            warnings.warn(f"{type(self).__name__}: the last validation ran at step {self.last_metrics_step}, the "
-                          f"exported model is from step {step}; metrics.json records the former (make max_steps a "
-                          "multiple of the validation interval)", stacklevel=2)
-        seed = os.environ.get("PL_GLOBAL_SEED")
-        return write_metrics(directory, self.method_label, accuracy, seed=int(seed) if seed is not None else None,
-                             benchmark=self.pool.benchmark_id, split=getattr(self.trainer.datamodule, "eval_split", "test"),
-                             steps=step, evaluated_at_step=self.last_metrics_step, logged=dict(self.last_metrics))
+    def diagnostics(self) -> dict:
+        """What this method learned or saw, as plain data (tensors, lists) for reports to draw, e.g.
+        AdaMerging's ``{"coefficients": ...}``; the core never draws or logs it. Default: nothing."""
+        return {}

@@ -10,34 +10,28 @@ A ``base_merge`` is one of
   ``merged.safetensors``, a tensors-only ``.pt``, a full-CLIP export).
 
 A string is a path when it names an existing file or folder, contains a path separator, or ends in
-a checkpoint suffix; otherwise it is a method name.
+a checkpoint suffix (:func:`adamerge.models.checkpoints.is_path`, re-exported here); otherwise it is
+a method name.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from adamerge.files import read_manifest
 from adamerge.merging import merge_pool
-from adamerge.models.checkpoints import CheckpointError, load_visual_state
+from adamerge.merging.registry import LABELS
+from adamerge.models.checkpoints import CheckpointError, is_path, load_visual_state
 from adamerge.models.pool import ModelPool
 
-__all__ = ["BaseMerge", "base_merge_state", "is_path"]
+__all__ = ["BaseMerge", "base_merge_label", "base_merge_state", "is_path"]
 
 BaseMerge = str | dict[str, Any]
-_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
-def is_path(value: object) -> bool:
-    """Whether a ``base_merge`` string names a file (see the module docstring)."""
-    if isinstance(value, os.PathLike):
-        return True
-    if not isinstance(value, str):
-        return False
-    return os.sep in value or value.endswith(_SUFFIXES) or os.path.exists(value)
 
 
 def base_merge_state(
@@ -69,3 +63,18 @@ def base_merge_state(
     if tasks is not None and list(tasks) != pool.tasks:
         kwargs.setdefault("tasks", list(tasks))
     return merge_pool(pool, method, **kwargs)
+
+
+def base_merge_label(base_merge: BaseMerge | os.PathLike) -> str:
+    """The short row name of a base merge: the method's registered label (``TA``, ``TIES``), or for a
+    file the ``method`` its export's ``manifest.json`` records (``AdaMerging``), else the file's stem."""
+    if is_path(base_merge):
+        path = Path(base_merge)
+        try:
+            manifest = read_manifest(path.parent, verify=False) if path.is_file() else None
+        except ValueError:
+            manifest = None
+        method = (manifest or {}).get("method")
+        return method if isinstance(method, str) and method else path.stem
+    method = base_merge.get("method", "task_arithmetic") if isinstance(base_merge, Mapping) else base_merge
+    return LABELS.get(str(method), str(method))

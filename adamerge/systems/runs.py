@@ -32,6 +32,7 @@ __all__ = [
     "CheckpointMismatchError",
     "ConfigError",
     "RunExistsError",
+    "check_data",
     "check_export_dir",
     "check_learnable_state",
     "check_learning_rates",
@@ -94,6 +95,24 @@ def check_learnable_state(state: Mapping[str, Tensor], expected: Mapping[str, Te
             )
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise CheckpointMismatchError(f"checkpoint state {key!r} holds NaN or Inf: refusing to resume from it")
+
+
+def check_data(
+    tasks: list[str], num_classes: Mapping[str, int], data_tasks: list[str], data_classes: Mapping[str, int] | None
+) -> None:
+    """The datamodule's tasks must be the model's, and each task's class count its head's (the error names
+    the task)."""
+    extra = [t for t in data_tasks if t not in tasks]
+    if extra:
+        raise ValueError(f"the data has task {extra[0]!r} that the model does not (model tasks: {tasks})")
+    missing = [t for t in tasks if t not in data_tasks]
+    if missing:
+        raise ValueError(f"the model has task {missing[0]!r} that the data does not (data tasks: {data_tasks})")
+    for task, count in (data_classes or {}).items():
+        if count is not None and task in num_classes and int(count) != num_classes[task]:
+            raise ValueError(
+                f"task {task!r}: the zero-shot head has {num_classes[task]} classes but the data has {count}"
+            )
 
 
 def check_learning_rates(optimizer: torch.optim.Optimizer, owner: str) -> None:

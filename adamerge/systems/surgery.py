@@ -14,6 +14,8 @@ aligned final embedding.
 ``export`` writes ``learned.safetensors`` (the aligners), ``surgery.json`` (version, rank, widths,
 tasks, base merge) and, unless ``export_merged=False``, ``merged.safetensors`` (the base merged
 encoder, through the pool's exporter) so the run can be evaluated without recomputing the merge.
+``diagnostics()`` gives the last training step's L1 per task and layer as plain data
+(:mod:`adamerge.wandb_story` draws it).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import OptimizerCallable
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -31,12 +34,13 @@ from adamerge.components.surgery import (
     ExpertFeatures,
     SurgeryModel,
     alignment_loss,
+    layer_alignment_losses,
 )
 from adamerge.files import write_text
 from adamerge.merging.task_vectors import dtype_named
 from adamerge.models.pool import ModelPool
 from adamerge.systems.base import CheckpointMismatchError, TestTimeSystem, default_optimizer
-from adamerge.systems.base_merge import BaseMerge, base_merge_state
+from adamerge.systems.base_merge import BaseMerge, base_merge_label, base_merge_state
 
 __all__ = ["Surgery"]
 
@@ -86,24 +90,16 @@ class Surgery(TestTimeSystem):
             pool, self.tasks, with_blocks=self.model.version == "v2", dtype=experts_dtype,
             cache=cache_experts,
         )
+        self._layer_losses: dict[str, Tensor] = {}  # task → the last step's L1 per layer (diagnostics)
 
     def method_identity(self) -> dict:
         return {**super().method_identity(), "base_merge": self.base_merge}
 
     @property
     def method_label(self) -> str:
-        """``Surgery on TA``, ``SurgeryV2 on AdaMerging``, …: the row name in results tables."""
-        short = {"task_arithmetic": "TA", "weight_average": "WA", "ties": "TIES", "pcb": "PCB", "opcm": "OPCM"}
-        base = self.base_merge
-        if isinstance(base, dict):
-            base = base.get("method", "task_arithmetic")
-        if isinstance(base, str) and base in short:
-            name = short[base]
-        elif "adamerging" in str(base).lower():  # an AdaMerging run's export
-            name = "AdaMerging"
-        else:
-            name = Path(str(base)).stem
-        return f"{self.model.label} on {name}"
+        """``Surgery on TA``, ``SurgeryV2 on AdaMerging``, …: the row name in results tables (the base's
+        label: :func:`~adamerge.systems.base_merge.base_merge_label`)."""
+        return f"{self.model.label} on {base_merge_label(self.base_merge)}"
 
     # ---- forward and loss -------------------------------------------------------------------
     def task_logits(self, task: str, images: Tensor) -> Tensor:
@@ -116,7 +112,22 @@ class Surgery(TestTimeSystem):
     def adaptation_losses(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-task L1 losses with one batched pass of the merged encoder over every task's batch."""
         merged = self.model.forward_many(images)
-        return {t: alignment_loss(merged[t], self.experts(t, x)) for t, x in images.items()}
+        losses = {}
+        for t, x in images.items():
+            expert = self.experts(t, x)
+            losses[t] = alignment_loss(merged[t], expert)
+            self._layer_losses[t] = layer_alignment_losses(merged[t], expert)
+        return losses
+
+    def diagnostics(self) -> dict:
+        """``{"layer_loss": {values, tasks, layers}}``: the last training step's L1 per task and layer
+        (``[K, L + 1]``, V2: blocks ``b0``… then ``final``; v1: ``final`` only), on CPU; nothing before a step."""
+        tasks = [t for t in self.tasks if t in self._layer_losses]
+        if not tasks:
+            return {}
+        layers = [f"b{i}" for i in range(self.model.depth)] + ["final"]
+        values = torch.stack([self._layer_losses[t] for t in tasks]).cpu()
+        return {"layer_loss": {"values": values, "tasks": tasks, "layers": layers}}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def surgery_metadata(self) -> dict:
@@ -173,6 +184,6 @@ class Surgery(TestTimeSystem):
         }
         write_text(directory / "surgery.json", json.dumps(info, indent=1))
         if self.export_merged:
-            state = {k: v.detach().cpu() for k, v in self.model.encoder.state_dict().items()}
+            state = {k: v.cpu() for k, v in self.model.frozen_state_dict().items()}
             target = directory / "merged.safetensors"
             self.pool.export(state, target)  # OpenCLIPPool: a full CLIP open_clip.create_model loads

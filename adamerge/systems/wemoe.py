@@ -9,7 +9,9 @@ follow the paper's code: non-MLP weights by task arithmetic λ = 0.3, routers' l
 loss summed over tasks, Adam lr 1e-4, 1000 steps, batch 16 per task (steps and batch live in the
 trainer / data config). During training the routing weights are averaged over each task's batch
 (``batch_reduce``, the FusionBench default: one merge per task per step, memory of a plain model);
-at evaluation every sample gets its own merged MLP.
+at evaluation every sample gets its own merged MLP, and its routing weights are recorded per task (a
+running mean per block and expert, and the first few samples): ``diagnostics()`` gives them as plain
+data (:mod:`adamerge.wandb_story` draws them).
 
 Checkpoints hold only the routers (7.16M numbers for ViT-B/32 with 8 tasks; E-WEMoE ~0.6M).
 ``export`` writes ``learned.safetensors`` (routers), ``wemoe.safetensors`` (routers, merged non-MLP
@@ -39,6 +41,7 @@ from adamerge.systems.base_merge import BaseMerge, base_merge_state, is_path
 __all__ = ["WEMoE", "load_wemoe", "save_wemoe", "wemoe_optimizer"]
 
 _PREFIX = "model."
+_ROUTING_SAMPLES = 32  # per-sample routing weights kept per task and evaluation (for their spread)
 
 
 def wemoe_optimizer(params) -> torch.optim.Optimizer:
@@ -58,7 +61,7 @@ class WEMoE(TestTimeSystem):
             None: the paper's task arithmetic, λ = 0.3, computed in the component's one pass.
         model: the upscaled model, ``class_path: adamerge.components.wemoe.WEMoEModel`` with its
             ``init_args`` (router layout, pruning, storage dtype, evaluation; documented there).
-            E-WEMoE is its configuration ``shared_router: true, keep_ratio: 0.1``.
+            E-WEMoE is its configuration ``shared_router: true, keep: 0.1``.
         optimizer: optimizer for the routers (default Adam, lr 1e-4).
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
     """
@@ -77,6 +80,7 @@ class WEMoE(TestTimeSystem):
         self.use_component((model or WEMoEModel)(pool, self.tasks, base))
         self.base_merge = base_merge
         self.model.config["base_merge"] = str(base_merge) if is_path(base_merge) else base_merge
+        self._routing: dict[str, dict] = {}
 
     def method_identity(self) -> dict:
         return {**super().method_identity(), "base_merge": self.model.config["base_merge"]}
@@ -93,6 +97,48 @@ class WEMoE(TestTimeSystem):
 
     def learnable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.routers.parameters())
+
+    # ---- routing weights seen at evaluation ---------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._routing = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._routing = {}
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        self._record_routing(self._eval_tasks[dataloader_idx])
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().test_step(batch, batch_idx, dataloader_idx)
+        self._record_routing(self._eval_tasks[dataloader_idx])
+
+    def _record_routing(self, task: str) -> None:
+        """Add the batch's per-sample routing weights (``last_weights`` of every block) to ``task``'s
+        running sum ``[L, K]``; keep its first samples ``[n, L, K]``. Stays on the device."""
+        r = torch.stack([m.last_weights for m in self.model.mlps]).float()  # [L, B, K] (or [L, K])
+        r = (r.unsqueeze(1) if r.dim() == 2 else r).transpose(0, 1)  # [B, L, K]
+        seen = self._routing.setdefault(task, {"sum": torch.zeros_like(r[0]), "count": 0, "samples": r[:0]})
+        seen["sum"] += r.sum(dim=0)
+        seen["count"] += r.shape[0]
+        if seen["samples"].shape[0] < _ROUTING_SAMPLES:
+            seen["samples"] = torch.cat([seen["samples"], r[: _ROUTING_SAMPLES - seen["samples"].shape[0]]])
+
+    def diagnostics(self) -> dict:
+        """``{"routing": {tasks, experts, layers, mean, samples, count}}`` from the last evaluation: per
+        evaluated task its mean routing weight per block and expert (``mean`` ``[T, L, K]``), its first
+        per-sample weights (``samples[task]`` ``[n, L, K]``) and sample count; on CPU. Under DDP it holds
+        this rank's batches. Nothing before an evaluation."""
+        tasks = [t for t in self.tasks if self._routing.get(t, {}).get("count")]
+        if not tasks:
+            return {}
+        seen = [self._routing[t] for t in tasks]
+        return {"routing": {
+            "tasks": tasks, "experts": list(self.tasks), "layers": [f"b{i}" for i in range(len(self.model.mlps))],
+            "mean": torch.stack([s["sum"] / s["count"] for s in seen]).cpu(),
+            "samples": {t: s["samples"].cpu() for t, s in zip(tasks, seen)},
+            "count": {t: s["count"] for t, s in zip(tasks, seen)},
+        }}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def on_load_checkpoint(self, checkpoint: dict) -> None:
