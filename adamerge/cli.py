@@ -18,6 +18,9 @@ Safety rules on top of Lightning's (see :mod:`adamerge.systems.runs`):
   or move ``export_dir``); here nothing in a checkpoint changes a configuration value.
 * No run overwrites another: ``config.yaml`` and ``export_dir`` of an earlier run are refused unless
   ``--overwrite=true`` (a resumed run writes ``config.resumed-<time>.yaml`` beside its first config).
+* The run folder is ``trainer.default_root_dir``, written once: the export goes to ``<run>/export``
+  unless ``export_dir`` is given, and the default logger (CSV, or TensorBoard when installed) and
+  checkpoints write under it too.
 * YAML mappings with a repeated key are refused, naming the key (PyYAML silently keeps the last).
 * From the console (:func:`entry`), an error in the configuration or the files it names ends in one
   line on stderr and exit status 2, not a traceback.
@@ -29,9 +32,9 @@ import importlib
 import logging
 import os
 import pkgutil
-import re
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -43,7 +46,9 @@ from lightning.pytorch.loggers import WandbLogger
 
 from adamerge.files import write_text
 from adamerge.report import RunReport
+from adamerge.short_names import check_short_names
 from adamerge.systems.runs import ConfigError, RunExistsError
+from adamerge.wandb_story import WandbStory
 
 __all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "learnable_methods",
            "main", "methods_text", "static_methods"]
@@ -59,23 +64,30 @@ class DuplicateKeyError(ValueError):
     """A YAML mapping that gives one key twice."""
 
 
-_UNION = "Does not validate against any of the Union subtypes"
+def _module_of(frame) -> str:
+    return str(frame.f_globals.get("__name__", ""))
 
 
-def _unwrap_union_error(error: ValueError) -> str | None:
-    """jsonargparse reports a failed ``class_path`` instantiation as a union mismatch listing each
-    subtype's error; the one that is not "Expected a NoneType" is what went wrong."""
-    text = str(error)
-    if _UNION not in text or "Errors:" not in text:
+def _unwrap_build_error(error: BaseException) -> str | None:
+    """The error a class raised while jsonargparse built it, named by that class, or None.
+
+    jsonargparse reports a failed ``class_path`` instantiation as a union mismatch; the class's own
+    exception is at the end of the report's exception chain (``__cause__`` / ``__context__``). The
+    owner is the outermost ``__init__`` on that exception's traceback. Errors jsonargparse raised
+    itself (type checks) are left to its own report.
+    """
+    frames = list(traceback.walk_tb(error.__traceback__))
+    if not frames or not _module_of(frames[-1][0]).startswith("jsonargparse"):
         return None
-    body = text.split("Errors:", 1)[1].split("Given value type:", 1)[0]
-    items = [line.strip()[2:] for line in body.splitlines() if line.strip().startswith("- ")]
-    items = [i for i in items if not i.startswith("Expected a <class 'NoneType'>")]
-    if len(items) != 1:
+    inner = error
+    while (nxt := inner.__cause__ or (None if inner.__suppress_context__ else inner.__context__)) is not None:
+        inner = nxt
+    frames = list(traceback.walk_tb(inner.__traceback__))
+    if inner is error or not frames or _module_of(frames[-1][0]).startswith("jsonargparse"):
         return None
-    found = re.search(r"class_path='([\w.]+)'", text)
-    where = found.group(1).rsplit(".", 1)[-1] if found else "configuration"
-    return f"{where}: {items[0]}"
+    owner = next((type(f.f_locals["self"]).__name__ for f, _ in frames
+                  if f.f_code.co_name == "__init__" and "self" in f.f_locals), None)
+    return f"{owner}: {inner}" if owner else str(inner)
 
 
 def _refuse_duplicate_keys(text: str) -> None:
@@ -234,6 +246,17 @@ class RunConfigCallback(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
 
+def _export_into_the_run_folder(config: Namespace) -> None:
+    """The run folder is written once, as ``trainer.default_root_dir``: a system's ``export_dir`` left
+    unset becomes ``<run folder>/export`` (the default logger writes under the run folder too)."""
+    root = config.get("trainer.default_root_dir")
+    model = config.get("model")
+    if root is None or not isinstance(model, Namespace) or not isinstance(model.get("init_args"), Namespace):
+        return
+    if "export_dir" in model.init_args and model.init_args.export_dir is None:
+        model.init_args.export_dir = os.path.join(str(root), "export")
+
+
 class AdaMergeCLI(LightningCLI):
     """LightningCLI with adamerge's links, defaults (seed 0), run-safety rules, short class names, the
     ``methods`` listing and the end-of-run report (module docstring)."""
@@ -301,6 +324,8 @@ class AdaMergeCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args``, or ``sys.argv`` when it is None. Lightning warns when both are set; given ``args``
         (``main(args)`` from Python, the demo) are the whole command line and ``sys.argv`` is not read."""
+        if not isinstance(args, (dict, Namespace)):
+            check_short_names(sys.argv[1:] if args is None else args)
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
@@ -313,6 +338,7 @@ class AdaMergeCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": bool(config.get("overwrite", False))}
+        _export_into_the_run_folder(config)
 
     def instantiate_classes(self) -> None:
         if self._listing:  # nothing to build
@@ -321,7 +347,7 @@ class AdaMergeCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except ValueError as e:
-            message = _unwrap_union_error(e)
+            message = _unwrap_build_error(e)
             if message is None:
                 raise
             raise ConfigError(message) from e
@@ -330,9 +356,11 @@ class AdaMergeCLI(LightningCLI):
         config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
         if hasattr(self.model, "overwrite"):
             self.model.overwrite = bool(config.get("overwrite", False))
-        for logger in self.trainer.loggers if self.trainer is not None else []:
-            if isinstance(logger, WandbLogger):
-                _prepare_wandb(logger)
+        wandb = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)] if self.trainer is not None else []
+        for logger in wandb:
+            _prepare_wandb(logger)
+        if wandb and not any(isinstance(c, WandbStory) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(WandbStory())  # per-task accuracy and each method's diagnostics
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "methods":

@@ -108,7 +108,7 @@ def run_adaptive(preset: str, seed: int, out: Path, steps: int | None, skip: Cal
                 _log(f"skip {name}: {cfg} not found")
             continue
         _log(f"{name}: training")
-        args = ["fit", "--config", str(cfg), f"--seed_everything={seed}",
+        args = ["fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(cfg), f"--seed_everything={seed}",
                 f"--data.init_args.source.init_args.preset={preset}", f"--data.init_args.source.init_args.seed={seed}",
                 f"--model.init_args.export_dir={out / folder}",
                 f"--trainer.default_root_dir={out / 'trainer' / folder}", "--trainer.logger=false",

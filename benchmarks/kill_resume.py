@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+MINI_BASE = ROOT / "configs" / "mini" / "base.yaml"
 CONFIG = ROOT / "configs" / "mini" / "adamerging_layer.yaml"
 
 
@@ -34,7 +35,7 @@ def _run(run: Path, cache: Path, *extra: str, callbacks: str = "") -> int:
     cfg = run / "callbacks.yaml"
     run.mkdir(parents=True, exist_ok=True)
     cfg.write_text("trainer:\n  callbacks:\n" + callbacks if callbacks else "trainer:\n  callbacks: []\n")
-    args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(CONFIG), "--config", str(cfg),
+    args = [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(MINI_BASE), "--config", str(CONFIG), "--config", str(cfg),
             "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
             "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.limit_val_batches=1",
             "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4",

@@ -15,7 +15,8 @@ from adamerge.data.registry import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAGMENT_DIRS = ("trainer", "method")  # partial configs, layered after a full run config
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in FRAGMENT_DIRS)
+MINI_BASE = ROOT / "configs" / "mini" / "base.yaml"  # every mini run is this base plus one method config
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in FRAGMENT_DIRS and p != MINI_BASE)
 FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 METHOD_FRAGMENTS = sorted((ROOT / "configs" / "method").glob("*.yaml"))
 VITB32_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
@@ -34,6 +35,11 @@ def _fit_two_steps(args: list[str], tmp_path: Path):
     assert cli.trainer.global_step == 2
     assert (tmp_path / "export" / "metrics.json").exists()
     return cli
+
+
+def mini(name: str) -> list[str]:
+    """The ``--config`` arguments of the mini run ``name``: the base, then the method config."""
+    return ["--config", str(MINI_BASE), "--config", str(ROOT / "configs" / "mini" / name)]
 
 
 def _mini_overrides(cache: Path) -> list[str]:
@@ -70,15 +76,18 @@ def vitb32_stand_in(tmp_path_factory):
 def test_every_shipped_config_instantiates_and_runs(config, tmp_path, mini_tiny_cache, vitb32_stand_in):
     text = config.read_text()
     if "MiniBenchmarkPool" in text:
-        args = ["--config", str(config), *_mini_overrides(mini_tiny_cache)]
+        args = [*mini(config.name), *_mini_overrides(mini_tiny_cache)]
         if "base_merge: runs/" in text:  # on a finished run's merged model: make one to point at
             from adamerge.data.mini import MiniBenchmarkPool
             from adamerge.merging import merge_pool
 
             pool = MiniBenchmarkPool("tiny", 0, cache_dir=str(mini_tiny_cache))
+            from adamerge.files import atomic_dir
+
+            state = {k: v.contiguous() for k, v in merge_pool(pool, "task_arithmetic", lam=0.5).items()}
+            with atomic_dir(tmp_path / "adamerging_export", manifest={"method": "AdaMerging"}) as d:
+                save_file(state, d / "merged.safetensors")  # an export set, as an AdaMerging run writes it
             merged = tmp_path / "adamerging_export" / "merged.safetensors"
-            merged.parent.mkdir()
-            save_file({k: v.contiguous() for k, v in merge_pool(pool, "task_arithmetic", lam=0.5).items()}, merged)
             args.append(f"--model.init_args.base_merge={merged}")
     elif "OpenCLIPPool" in text:
         root, experts = vitb32_stand_in
@@ -102,26 +111,32 @@ def test_every_shipped_config_instantiates_and_runs(config, tmp_path, mini_tiny_
 def test_trainer_fragments_compose_with_a_run(fragment, tmp_path, mini_tiny_cache, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    base = ROOT / "configs" / "mini" / "adamerging_layer.yaml"
-    cli = main(["fit", "--config", str(base), "--config", str(fragment), *_mini_overrides(mini_tiny_cache),
+    cli = main(["fit", *mini("adamerging_layer.yaml"), "--config", str(fragment), *_mini_overrides(mini_tiny_cache),
                 "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--data.init_args.steps_per_epoch=2",
                 f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 f"--model.init_args.export_dir={tmp_path / 'export'}", "--trainer.enable_checkpointing=false",
                 "--trainer.callbacks=null"])
     assert cli.trainer.global_step == 2
     assert type(cli.trainer.logger).__name__ in fragment.read_text()
+    if "WandbLogger" in fragment.read_text():  # the CLI adds the W&B story (adamerge.wandb_story) once
+        from adamerge.wandb_story import WandbStory
+
+        assert [type(c) for c in cli.trainer.callbacks].count(WandbStory) == 1
+        import wandb
+
+        wandb.finish()  # leave no run open for the next test
 
 
 def test_task_list_is_linked_from_data(tmp_path, mini_tiny_cache):
     tasks = ["mini_fashion", "mini_digits"]
-    cli = main(["--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+    cli = main([*mini("adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
                 f"--data.init_args.tasks=[{','.join(tasks)}]", f"--model.init_args.export_dir={tmp_path}"], run=False)
     assert cli.model.tasks == tasks and cli.model.model.coefficients().shape[0] == 2
 
 
 def test_unknown_task_fails_before_training(tmp_path, mini_tiny_cache):
     with pytest.raises(ValueError, match="'nope'"):
-        main(["--config", str(ROOT / "configs/mini/adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
+        main([*mini("adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache),
               "--data.init_args.tasks=[mini_fashion,nope]"], run=False)
 
 
@@ -129,7 +144,7 @@ def test_fit_writes_a_results_record(tmp_path, mini_tiny_cache):
     """A train.py run's metrics.json is a results record: the README table is built from these files."""
     from adamerge.results import collect, render_table
 
-    cli = _fit_two_steps(["--config", str(ROOT / "configs/mini/adamerging_plusplus.yaml"), "--seed_everything=3",
+    cli = _fit_two_steps([*mini("adamerging_plusplus.yaml"), "--seed_everything=3",
                           *_mini_overrides(mini_tiny_cache)], tmp_path)
     [record] = collect(tmp_path / "export")
     assert record["method"] == "AdaMerging++ (layer-wise)" and record["seed"] == 3 and record["steps"] == 2
@@ -149,18 +164,40 @@ def test_method_fragments_layer_onto_a_mini_run(fragment, tmp_path, mini_tiny_ca
     """``--config configs/mini/<run>.yaml --config configs/method/<m>.yaml`` runs the fragment's method."""
     runs = [c for c in CONFIGS if c.parent.name == "mini" and _class_path(c) == _class_path(fragment)]
     assert runs, f"{fragment}: no mini run config of {_class_path(fragment)} to layer it onto"
-    cli = _fit_two_steps(["--config", str(runs[0]), "--config", str(fragment), *_mini_overrides(mini_tiny_cache)],
+    cli = _fit_two_steps([*mini(runs[0].name), "--config", str(fragment), *_mini_overrides(mini_tiny_cache)],
                          tmp_path)
     assert f"{type(cli.model).__module__}.{type(cli.model).__name__}" == _class_path(fragment)
 
 
 def test_benchmark_settings_are_written_once_in_the_data(tmp_path, mini_tiny_cache):
     """The pool serves the data's benchmark (linked); a pool setting that disagrees is refused."""
-    cli = _fit_two_steps(["--config", str(ROOT / "configs" / "mini" / "adamerging_task.yaml"),
+    cli = _fit_two_steps([*mini("adamerging_task.yaml"),
                           *_mini_overrides(mini_tiny_cache)], tmp_path)
     assert cli.model.pool.benchmark.preset == "tiny" and cli.model.pool.benchmark.root == mini_tiny_cache
     assert cli.model.pool.benchmark_id == cli.datamodule.source.benchmark.benchmark_id
     with pytest.raises(ValueError, match="MiniBenchmarkPool seed=3 but the data source's is 0"):
-        main(["fit", "--config", str(ROOT / "configs" / "mini" / "adamerging_task.yaml"),
+        main(["fit", *mini("adamerging_task.yaml"),
               *_mini_overrides(mini_tiny_cache), "--model.init_args.pool.init_args.seed=3",
               "--trainer.max_steps=1"], run=True)
+
+
+def test_the_run_folder_is_written_once(tmp_path, mini_tiny_cache):
+    """A mini run config names its run folder once (trainer.default_root_dir): the export, the default
+    logger and config.yaml go under it; an explicit export_dir still wins."""
+    import yaml
+
+    for name in [c.name for c in CONFIGS if c.parent.name == "mini"]:
+        text = (ROOT / "configs" / "mini" / name).read_text()
+        settings = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+        assert not [line for line in settings if "export_dir" in line or "save_dir" in line], name
+        assert len([line for line in settings if "runs/mini/" in line and "base_merge:" not in line]) == 1, name
+        assert yaml.safe_load(text)["trainer"]["default_root_dir"] == f"runs/mini/{Path(name).stem}"
+    run = tmp_path / "run"
+    cli = main(["fit", *mini("adamerging_task.yaml"), *_mini_overrides(mini_tiny_cache), f"--trainer.default_root_dir={run}",
+                "--trainer.max_steps=1", "--data.init_args.steps_per_epoch=1", "--trainer.limit_val_batches=1"])
+    assert cli.model.export_dir == str(run / "export") and (run / "export" / "metrics.json").is_file()
+    assert Path(cli.trainer.log_dir).parent.parent == run and (Path(cli.trainer.log_dir) / "config.yaml").is_file()
+    cli = main(["--config", str(MINI_BASE), "--config", str(ROOT / "configs/mini/adamerging_task.yaml"),
+                *_mini_overrides(mini_tiny_cache), f"--trainer.default_root_dir={run}",
+                f"--model.init_args.export_dir={tmp_path / 'elsewhere'}"], run=False)
+    assert cli.model.export_dir == str(tmp_path / "elsewhere")

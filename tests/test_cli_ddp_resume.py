@@ -10,19 +10,21 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "configs" / "mini" / "adamerging_layer.yaml"
+MINI_BASE = ROOT / "configs" / "mini" / "base.yaml"
+CONFIG = ROOT / "configs" / "mini" / "adamerging_layer.yaml"  # layered on MINI_BASE: args[4] is the method config
 
 
 def cli_args(tmp: Path, cache: Path, *extra: str, callbacks: str = "") -> list[str]:
-    """``fit`` on the tiny mini benchmark, layer-wise AdaMerging, run folder ``tmp``, export ``tmp/export``."""
+    """``fit`` on the tiny mini benchmark, layer-wise AdaMerging, run folder ``tmp`` (so the export goes to
+    ``tmp/export``)."""
     cfg = tmp / "callbacks.yaml"
     cfg.write_text("trainer:\n  callbacks:\n" + callbacks if callbacks else "trainer:\n  callbacks: []\n")
     return [
-        "fit", "--config", str(CONFIG), "--config", str(cfg),
+        "fit", "--config", str(MINI_BASE), "--config", str(CONFIG), "--config", str(cfg),
         "--data.init_args.source.init_args.preset=tiny", f"--data.init_args.source.init_args.cache_dir={cache}",
         "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.limit_val_batches=1",
         "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=4", "--data.init_args.steps_per_epoch=3",
-        f"--trainer.default_root_dir={tmp}", f"--model.init_args.export_dir={tmp / 'export'}", *extra,
+        f"--trainer.default_root_dir={tmp}", *extra,  # the export goes to <run folder>/export
     ]
 
 

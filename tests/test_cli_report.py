@@ -98,7 +98,7 @@ def test_short_class_names_in_yaml_and_on_the_command_line(tmp_path, mini_tiny_c
     assert "class_path: AdaMerging" in short.read_text() and "class_path: MiniBenchmarkPool" in short.read_text()
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     args = cli_args(tmp_path / "a", mini_tiny_cache, "--trainer.max_steps=3")
-    args[2] = str(short)
+    args[4] = str(short)
     a = main(args)
     assert type(a.model) is AdaMerging and a.trainer.global_step == 3
     saved = (tmp_path / "a" / "config.yaml").read_text()
@@ -205,3 +205,18 @@ def test_normalized_accuracy_only_against_expert_accuracy_of_the_same_split():
     out = report("val")  # ...not on val: no normalized accuracy, and the report says why
     assert _row(out, "a") == ["50.00"] and _row(out, "average") == ["37.50"]
     assert "not shown, the pool records no expert accuracy on the val split" in out
+
+
+def test_an_unknown_short_name_lists_the_close_matches(tmp_path, capsys):
+    from adamerge.cli import entry
+
+    with pytest.raises(SystemExit) as e:
+        entry(["fit", "--config", str(CONFIG), "--model=AdaMergin"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1].startswith("adamerge: error: --model: no class named 'AdaMergin'; did you mean")
+    assert "AdaMerging" in err[-1].split("did you mean", 1)[1] and len(err) == 1
+    bad = tmp_path / "bad.yaml"  # in a config file, nested: the file is named
+    bad.write_text("model:\n  class_path: AdaMerging\n  init_args:\n    pool:\n      class_path: MiniBenchPool\n")
+    with pytest.raises(SystemExit):
+        entry(["fit", "--config", str(bad)])
+    assert f"{bad}: no class named 'MiniBenchPool'; did you mean MiniBenchmarkPool" in capsys.readouterr().err

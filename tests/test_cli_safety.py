@@ -104,7 +104,7 @@ def test_rerunning_a_config_into_its_folder_is_refused_unless_overwrite(tmp_path
     ("dup_yaml", "duplicate key 'lam' in a YAML mapping (lines 4 and 5)"),
     ("missing_base", "Surgery: base_merge: checkpoint not found: "),
     ("lr", "optimizer lr (param group 0) must be a positive finite number at most 10, got 1e+30"),
-    ("init", "AdaMerging: init 1.5 is outside the clamp range [0, 1]"),
+    ("init", "AdaMerging: init_lam 1.5 is outside the clamp range [0, 1]"),
 ])
 def test_bad_configuration_ends_in_one_line(case, expected, tmp_path, mini_tiny_cache, capsys):
     extra: list[str] = []
@@ -114,13 +114,13 @@ def test_bad_configuration_ends_in_one_line(case, expected, tmp_path, mini_tiny_
         extra = ["--config", str(tmp_path / "dup.yaml")]
     args = cli_args(tmp_path, mini_tiny_cache, "--trainer.max_steps=1", *extra)
     if case in ("dup_yaml", "missing_base"):  # a Surgery run (its base_merge is a mapping or a file)
-        args[2] = str(pathlib.Path(args[2]).parent / "surgery_ta.yaml")
+        args[4] = str(pathlib.Path(args[4]).parent / "surgery_ta.yaml")
         if case == "missing_base":
             args.append(f"--model.init_args.base_merge={tmp_path / 'no_such_run' / 'merged.safetensors'}")
     elif case == "lr":
         args.append("--model.init_args.optimizer.init_args.lr=1e30")
     else:
-        args.append("--model.init_args.model.init_args.init=1.5")
+        args.append("--model.init_args.model.init_args.init_lam=1.5")
     with pytest.raises(SystemExit) as e:
         entry(args)
     assert e.value.code == 2
@@ -128,3 +128,26 @@ def test_bad_configuration_ends_in_one_line(case, expected, tmp_path, mini_tiny_
     assert err[-1].startswith("adamerge: error: ") and expected in err[-1], err[-3:]
     assert not any("Traceback" in line for line in err)
     assert not (tmp_path / "export").exists()
+
+
+def test_a_class_error_under_jsonargparse_is_named_by_its_class_not_parsed_from_text():
+    """The CLI finds a component's own error through the exception chain jsonargparse leaves, not by
+    reading jsonargparse's report: a wrapper of any wording still gives the class's error and name."""
+    from adamerge.cli import _unwrap_build_error
+
+    class Aligner:
+        def __init__(self, rank: int) -> None:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+
+    def jsonargparse_like():  # raises from a frame whose module is jsonargparse, as the library does
+        namespace = {"__name__": "jsonargparse._typehints", "Aligner": Aligner}
+        exec("def adapt():\n    try:\n        Aligner(0)\n    except ValueError:\n"  # noqa: S102 (a fixed literal)
+             "        raise ValueError('any wording at all')\n", namespace)
+        namespace["adapt"]()
+
+    with pytest.raises(ValueError) as wrapped:
+        jsonargparse_like()
+    assert _unwrap_build_error(wrapped.value) == "Aligner: rank must be at least 1, got 0"
+    with pytest.raises(ValueError) as own:  # not raised by jsonargparse: left alone
+        Aligner(0)
+    assert _unwrap_build_error(own.value) is None
