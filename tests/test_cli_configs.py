@@ -201,3 +201,20 @@ def test_the_run_folder_is_written_once(tmp_path, mini_tiny_cache):
                 *_mini_overrides(mini_tiny_cache), f"--trainer.default_root_dir={run}",
                 f"--model.init_args.export_dir={tmp_path / 'elsewhere'}"], run=False)
     assert cli.model.export_dir == str(tmp_path / "elsewhere")
+
+
+def test_the_vit_configs_build_the_activation_their_weights_were_trained_with():
+    """The OpenAI CLIP weights (and the task_vectors / FusionBench experts fine-tuned from them) use
+    QuickGELU; open_clip's plain ``ViT-B-32`` is GELU. Every shipped ViT config names the QuickGELU model,
+    for the model and for the preprocessing, and open_clip builds it with QuickGELU."""
+    import yaml
+
+    vit = [c for c in CONFIGS if c.parent.name == "vitb32"]
+    assert vit
+    for config in vit:
+        cfg = yaml.safe_load(config.read_text())
+        name = cfg["model"]["init_args"]["pool"]["init_args"]["model_name"]
+        assert name == "ViT-B-32-quickgelu", config
+        assert cfg["data"]["init_args"]["source"]["init_args"]["preprocess"] == name, config
+    assert open_clip.get_model_config("ViT-B-32-quickgelu")["quick_gelu"] is True
+    assert not open_clip.get_model_config("ViT-B-32").get("quick_gelu", False)
