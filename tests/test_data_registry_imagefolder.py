@@ -124,3 +124,33 @@ def test_parses_as_a_task_source_class_path(tmp_path):
     }})
     src = parser.instantiate(cfg).source
     assert isinstance(src, ImageFolderSource) and src.dataset("if_colors", "test")[0][0].shape == (3, 224, 224)
+
+
+def test_folder_names_match_registry_classes_by_their_words_and_a_clash_is_refused(tmp_path):
+    """FashionMNIST's ``T-shirt/top`` can't be a folder name; FER2013's registry names are synonym lists.
+    Both match by words; sorted position (the fallback) would have mislabelled both, and a folder that
+    names one class but sits at another's position is refused instead of mislabelled."""
+    from adamerge.data.registry import get_task
+
+    fashion = get_task("fashion_mnist").classnames  # registry order: T-shirt/top, Trouser, ..., Ankle boot
+    folders = [c.replace("/", "_").replace(" ", "_") for c in fashion]
+    _write(tmp_path, "fashion_mnist", "test", folders, per_class=1)
+    ds = ImageFolderSource(str(tmp_path), ["fashion_mnist"]).dataset("fashion_mnist", "test")
+    assert _labels_by_folder(ds, folders) == {f: {i} for i, f in enumerate(folders)}
+    assert sorted(folders).index("T-shirt_top") != 0  # position alone would have been wrong
+
+    fer = get_task("fer2013").classnames  # synonym lists: "['happy', 'smiling']", ...
+    kaggle = ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]  # Kaggle's folders, sorted
+    _write(tmp_path / "kaggle", "fer2013", "test", kaggle, per_class=1)
+    with pytest.raises(ValueError, match=r"class folder 'neutral' names class 6 .* would get label 4"):
+        ImageFolderSource(str(tmp_path / "kaggle"), ["fer2013"]).dataset("fer2013", "test")  # not mislabelled
+    words = ["angry", "disgusted", "fearful", "happy", "sad", "surprised", "neutral"]
+    _write(tmp_path, "fer2013", "test", sorted(words), per_class=1)
+    ds = ImageFolderSource(str(tmp_path), ["fer2013"]).dataset("fer2013", "test")
+    assert _labels_by_folder(ds, sorted(words)) == {w: {words.index(w)} for w in words}
+    assert all(w in fer[i] for i, w in enumerate(words))
+
+    register_task("if_clash", ["red", "green", "blue"], ["a {}."])
+    _write(tmp_path, "if_clash", "test", ["blue", "crimson", "verdant"], per_class=1)  # "blue" sorts first
+    with pytest.raises(ValueError, match=r"class folder 'blue' names class 2 \('blue'\) but would get label 0"):
+        ImageFolderSource(str(tmp_path), ["if_clash"]).dataset("if_clash", "test")

@@ -4,13 +4,15 @@ Layout: ``<root>/<task>/<split>/<class>/*.png|jpg`` (torchvision ``ImageFolder``
 ``data/mnist/test/3/00017.png``. Labels follow the task registry's class order, not the folders'
 alphabetical order:
 
-1. if every class folder's name, normalised (lower case, ``_`` → space), is one of the registry's
-   class names, the folder gets that class's index (so ``Cars`` folders named after the cars work
-   whatever their sort order);
+1. if every class folder names one registry class, the folder gets that class's index, whatever the
+   sort order (``Cars`` folders named after the cars). Names are compared by their lower-case words
+   (``T-shirt_top`` is FashionMNIST's ``T-shirt/top``); a folder whose words lie within exactly one
+   class name also names it (FER2013's ``happy`` is ``['happy', 'smiling']``);
 2. otherwise, if the folder names are all integers (``0``, ``1``, …, ``42`` or ``00042``), folder
    ``i`` is class ``i``;
 3. otherwise the folders in sorted order are the registry's classes in order (the task_vectors
-   convention: SUN397's ``a_abbey`` …, EuroSAT's ``AnnualCrop`` …), which needs the same count.
+   convention: SUN397's ``a_abbey`` …, EuroSAT's ``AnnualCrop`` …), which needs the same count, and
+   is refused when a folder names a class other than the one its position gives (a silent mislabel).
 
 A missing task or split folder, or a class count that differs from the registry, is an error naming
 the folder. Images go through the open_clip preprocess (``preprocess="ViT-B-32"`` builds open_clip's
@@ -20,6 +22,7 @@ eval transform for that model; a callable is used as is; None converts to a tens
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,15 +55,29 @@ def open_clip_preprocess(model_name: str) -> Callable:
     return open_clip.image_transform(size, is_train=False, mean=pp.get("mean"), std=pp.get("std"))
 
 
-def _norm(name: str) -> str:
-    return name.replace("_", " ").strip().lower()
+def _words(name: str) -> frozenset[str]:
+    """The lower-case words of a folder or class name (``T-shirt_top`` and ``T-shirt/top`` agree)."""
+    return frozenset(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def _by_name(folder: str, classnames: Sequence[str]) -> int | None:
+    """The registry class a folder names: the one with the same words, else the only one whose words
+    include the folder's (FER2013's ``happy`` in ``['happy', 'smiling']``); None if none or several."""
+    words = _words(folder)
+    if not words:
+        return None
+    same = [i for i, c in enumerate(classnames) if _words(c) == words]
+    if len(same) == 1:
+        return same[0]
+    within = [i for i, c in enumerate(classnames) if words <= _words(c)]
+    return within[0] if len(within) == 1 and not same else None
 
 
 def _label_map(folders: Sequence[str], classnames: Sequence[str], where: Path) -> dict[str, int]:
     """Folder name → registry label (see the module docstring for the rules)."""
-    by_name = {_norm(c): i for i, c in enumerate(classnames)}
-    if all(_norm(f) in by_name for f in folders) and len({_norm(f) for f in folders}) == len(folders):
-        return {f: by_name[_norm(f)] for f in folders}
+    named = {f: _by_name(f, classnames) for f in folders}
+    if None not in named.values() and len(set(named.values())) == len(folders):
+        return {f: int(i) for f, i in named.items()}
     if all(f.isdigit() for f in folders):
         bad = [f for f in folders if int(f) >= len(classnames)]
         if bad:
@@ -70,7 +87,15 @@ def _label_map(folders: Sequence[str], classnames: Sequence[str], where: Path) -
         raise ValueError(
             f"{where}: {len(folders)} class folders but the registry's task has {len(classnames)} classes"
         )
-    return {f: i for i, f in enumerate(sorted(folders))}
+    by_position = {f: i for i, f in enumerate(sorted(folders))}
+    clash = next((f for f in sorted(folders) if named[f] is not None and named[f] != by_position[f]), None)
+    if clash is not None:
+        raise ValueError(
+            f"{where}: class folder {clash!r} names class {named[clash]} ({classnames[named[clash]]!r}) but "
+            f"would get label {by_position[clash]} by sorted position; name every folder after its registry "
+            "class or its label number"
+        )
+    return by_position
 
 
 class _RegistryImageFolder(ImageFolder):

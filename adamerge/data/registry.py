@@ -3,10 +3,11 @@
 A task is known by a name (``"mnist"``, ``"eurosat"``, ...). Its class names and templates feed the
 zero-shot heads (:mod:`adamerge.models.heads`; a pool is handed :func:`get_task` or the
 :class:`TaskInfo` values, it never looks them up here itself); its datasets come from a data source.
-The eight standard vision-merging tasks (:mod:`adamerge.data.standard_tasks`) are registered when
-this module is imported; a benchmark registers its own tasks when it is imported (the mini
-benchmark: ``import adamerge.data.mini``), so the registry knows no benchmark; users add tasks with
-:func:`register_task`.
+The eight standard vision-merging tasks (:mod:`adamerge.data.standard_tasks`) and the twelve
+further tasks of TALL-masks' 14- and 20-task sets (:mod:`adamerge.data.tall_tasks`) are registered
+when this module is imported, and :func:`task_set` names those sets (``"8"``, ``"14"``, ``"20"``); a
+benchmark registers its own tasks when it is imported (the mini benchmark: ``import
+adamerge.data.mini``), so the registry knows no benchmark; users add tasks with :func:`register_task`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from adamerge.data.standard_tasks import CLASSNAMES, STANDARD_TASKS, TEMPLATES
+from adamerge.data import standard_tasks, tall_tasks
 
-__all__ = ["TaskInfo", "UnknownTaskError", "check_tasks", "get_task", "list_tasks", "register_task"]
+__all__ = [
+    "TaskInfo", "UnknownTaskError", "check_tasks", "get_task", "list_tasks", "register_task", "task_set",
+]
 
 
 class UnknownTaskError(KeyError):
-    """A task name that is not registered."""
+    """A task name (or task-set name) that is not registered."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0])
@@ -68,8 +71,10 @@ def register_task(
     return info
 
 
-for _name in STANDARD_TASKS:
-    register_task(_name, CLASSNAMES[_name], TEMPLATES[_name])
+for _name in standard_tasks.STANDARD_TASKS:
+    register_task(_name, standard_tasks.CLASSNAMES[_name], standard_tasks.TEMPLATES[_name])
+for _name in tall_tasks.TALL_TASKS:
+    register_task(_name, tall_tasks.CLASSNAMES[_name], tall_tasks.TEMPLATES[_name])
 
 
 def get_task(name: str) -> TaskInfo:
@@ -82,6 +87,16 @@ def get_task(name: str) -> TaskInfo:
 
 def list_tasks() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def task_set(name: str | int) -> list[str]:
+    """The tasks of a named set, in order: ``"8"`` (the standard eight), ``"14"`` or ``"20"``
+    (TALL-masks'); an int is read as its digits. The error lists the known sets."""
+    try:
+        return list(tall_tasks.TASK_SETS[str(name)])
+    except KeyError:
+        known = ", ".join(repr(k) for k in tall_tasks.TASK_SETS)
+        raise UnknownTaskError(f"unknown task set {name!r}; known sets: {known}") from None
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
