@@ -16,7 +16,9 @@ Formats read by :func:`load_visual_state` (each error names the file):
   ``local-dir`` folders (``open_clip_config.json`` + a checkpoint).
 
 Validation against a reference (θ_0's visual state dict): same keys and shapes (the error names the
-key and both shapes), finite values (the error names the key).
+key and both shapes), finite values (the error names the key). Given the configured open_clip model,
+the activation a file records (HF ``hidden_act``, pickled QuickGELU / GELU modules, adamerge export
+metadata; :mod:`adamerge.models.activation`) must be the model's; a plain state dict records none.
 
 :func:`save_state_dict` writes ``.safetensors`` or ``.pt`` atomically: a temporary file in the target's
 folder, then ``os.replace``; a failure leaves no file behind and never half a file.
@@ -41,6 +43,7 @@ from torch import Tensor, nn
 from adamerge.errors import AdaMergeError
 from adamerge.files import atomic_path
 from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite
+from adamerge.models.activation import Activation, activation_of, activation_of_module, check_activation
 from adamerge.models.hf_clip import HFConversionError, convert_hf_vision_state, hf_vision_config, is_hf_state
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "check_finite",
     "is_path",
     "load_visual_state",
+    "read_checkpoint",
     "read_state_dict",
     "save_state_dict",
     "to_visual_state",
@@ -214,8 +218,11 @@ def _read_folder(folder: Path, allow_pickle: bool) -> dict[str, Tensor]:
     return read_state_dict(found, allow_pickle=allow_pickle)
 
 
-def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The raw tensor dict stored at ``path`` (file or folder), keys as stored (after unwrapping).
+def read_checkpoint(
+    path: str | os.PathLike, allow_pickle: bool = False
+) -> tuple[dict[str, Tensor], Activation | None]:
+    """The raw tensor dict stored at ``path`` (keys as stored, after unwrapping) and the activation the
+    file records (:mod:`adamerge.models.activation`; None for a plain state dict).
 
     Args:
         path: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file, an HF folder or an open_clip folder.
@@ -225,15 +232,27 @@ def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     if p.is_dir():
-        return _read_folder(p, allow_pickle)
+        return _read_folder(p, allow_pickle), activation_of(p)
     if p.suffix == SAFETENSORS_SUFFIX:
-        return _as_tensor_dict(_load_safetensors(p), p)
+        return _as_tensor_dict(_load_safetensors(p), p), activation_of(p)
     if p.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(
             f"{p}: unknown checkpoint suffix {p.suffix!r}; expected .safetensors, {', '.join(TORCH_SUFFIXES)} "
             "or a folder"
         )
-    return _as_tensor_dict(_load_torch(p, allow_pickle), p)
+    obj = _load_torch(p, allow_pickle)
+    found = activation_of_module(obj, str(p)) if isinstance(obj, nn.Module) else None
+    return _as_tensor_dict(obj, p), found
+
+
+def read_state_dict(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """The raw tensor dict stored at ``path`` (file or folder), keys as stored (after unwrapping).
+
+    Args:
+        path: a ``.safetensors`` / ``.pt`` / ``.pth`` / ``.bin`` file, an HF folder or an open_clip folder.
+        allow_pickle: allow ``torch.load(weights_only=False)`` for pickled files (runs their code).
+    """
+    return read_checkpoint(path, allow_pickle)[0]
 
 
 def to_visual_state(
@@ -265,6 +284,8 @@ def load_visual_state(
     reference: Mapping[str, Tensor] | None = None,
     allow_pickle: bool = False,
     projection: Tensor | None = None,
+    model_name: str | None = None,
+    model_config: Mapping | None = None,
 ) -> dict[str, Tensor]:
     """Load an image encoder's state dict from ``path`` in open_clip visual keys, validated.
 
@@ -274,9 +295,15 @@ def load_visual_state(
             tensors are cast to its dtypes.
         allow_pickle: accept pickled files (``torch.load(weights_only=False)`` runs code from the file).
         projection: open_clip ``proj`` for HF CLIPVisionModel folders (which do not store it).
+        model_name: the configured open_clip model; when given, an activation the file records must be
+            its (:class:`~adamerge.models.activation.ActivationMismatchError` names both otherwise).
+        model_config: that model's open_clip config (None: ``open_clip.get_model_config(model_name)``).
     """
     name = str(path)
-    state = to_visual_state(read_state_dict(path, allow_pickle=allow_pickle), projection, source=name)
+    raw, found = read_checkpoint(path, allow_pickle=allow_pickle)
+    if model_name is not None:
+        check_activation(model_name, model_config, found)
+    state = to_visual_state(raw, projection, source=name)
     if reference is not None:
         try:
             check_compatible(reference, state, name=f"checkpoint {name}")

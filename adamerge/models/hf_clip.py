@@ -27,7 +27,7 @@ fine-tunes only ``vision_model``, so its experts share the pretrained model's pr
 
 The activation is not a weight: HF ``hidden_act="quick_gelu"`` (OpenAI CLIP) matches open_clip
 configs with ``quick_gelu: true`` (e.g. ``ViT-B-32-quickgelu``); :func:`hf_vision_config` exposes the
-config so callers can check it.
+config, and :mod:`adamerge.models.activation` refuses a mismatch with the configured model.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Use it from YAML::
     model_pool:
       class_path: adamerge.models.open_clip_pool.OpenCLIPPool
       init_args:
-        model_name: ViT-B-32
+        model_name: ViT-B-32-quickgelu   # the OpenAI weights run QuickGELU (plain ViT-B-32 is refused)
         pretrained: openai
         experts: {mnist: ckpts/mnist.safetensors, eurosat: ckpts/eurosat/finetuned.pt}
         task_info: adamerge.data.registry.get_task   # or linked from the data by the CLI
@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +33,26 @@ import open_clip
 from torch import Tensor, nn
 
 from adamerge.merging.task_vectors import MergeError, check_compatible
+from adamerge.models.activation import (
+    ActivationMismatchError,
+    activation_of,
+    activation_of_tag,
+    check_activation,
+)
 from adamerge.models.checkpoints import (
     CheckpointError,
     check_finite,
     is_path,
     load_visual_state,
-    read_state_dict,
+    read_checkpoint,
 )
 from adamerge.models.export import export_merged
 from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
-from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, hf_vision_config, is_hf_state
+from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, is_hf_state
 from adamerge.models.pool import ModelPool
 
-__all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "register_model_config", "task_lookup"]
+__all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "model_config_of", "register_model_config",
+           "task_lookup"]
 
 _LOCAL_DIR = "local-dir:"
 
@@ -94,17 +100,28 @@ class ExpertFile:
         path: the expert checkpoint (file or folder).
         reference: θ_0's visual state dict (keys, shapes and dtypes to match).
         allow_pickle: accept pickled files (unpickling runs code from the file).
+        model_name: the configured open_clip model: an activation the file records must be its.
+        model_config: that model's open_clip config (None: open_clip's config of ``model_name``).
     """
 
-    def __init__(self, path: str | os.PathLike, reference: Mapping[str, Tensor], allow_pickle: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        reference: Mapping[str, Tensor],
+        allow_pickle: bool = False,
+        model_name: str | None = None,
+        model_config: Mapping[str, Any] | None = None,
+    ):
         self.path = Path(path)
         self.reference = reference
         self.allow_pickle = allow_pickle
+        self.model_name = model_name
+        self.model_config = model_config
 
     def __call__(self) -> dict[str, Tensor]:
         return load_visual_state(
             self.path, reference=self.reference, allow_pickle=self.allow_pickle,
-            projection=self.reference.get("proj"),
+            projection=self.reference.get("proj"), model_name=self.model_name, model_config=self.model_config,
         )
 
     def __repr__(self) -> str:
@@ -154,6 +171,11 @@ def load_clip(
             ``open_clip_config.json``; ``model_name`` is then ignored), or None for random weights.
         allow_pickle: accept a pickled local ``pretrained`` file.
         precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
+
+    Raises:
+        ActivationMismatchError: the tag or file records another activation than ``model_name``'s
+            (e.g. ``openai`` weights with ``ViT-B-32`` instead of ``ViT-B-32-quickgelu``); a tag is
+            checked before anything is downloaded.
     """
     if pretrained and pretrained.startswith(_LOCAL_DIR):
         clip = open_clip.create_model(pretrained, precision=precision)
@@ -162,10 +184,13 @@ def load_clip(
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
     local = is_path(pretrained)
+    if pretrained and not local:
+        check_activation(model_name, None, activation_of_tag(model_name, pretrained))
     with _weights_loaded_after() if local else contextlib.nullcontext():
         clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
-        state = read_state_dict(pretrained, allow_pickle=allow_pickle)
+        state, found = read_checkpoint(pretrained, allow_pickle=allow_pickle)
+        check_activation(model_name, None, found)
         if is_hf_state(state):
             try:
                 state = convert_hf_clip_state(state, source=str(pretrained))
@@ -180,6 +205,17 @@ def load_clip(
     return clip.eval(), open_clip.get_tokenizer(model_name), f"{model_name}:{pretrained}"
 
 
+def model_config_of(model_name: str, pretrained: str | None) -> tuple[str, dict]:
+    """(open_clip model name, its model config) that :func:`load_clip` builds: for ``local-dir:DIR`` the
+    folder's ``open_clip_config.json`` ``model_cfg`` under the name ``local-dir:DIR``."""
+    if pretrained and pretrained.startswith(_LOCAL_DIR):
+        path = Path(pretrained[len(_LOCAL_DIR):]) / "open_clip_config.json"
+        with open(path, encoding="utf-8") as f:
+            return pretrained, json.load(f)["model_cfg"]
+    model_name = model_name.replace("/", "-")
+    return model_name, open_clip.get_model_config(model_name)
+
+
 class OpenCLIPPool(ModelPool):
     """Pretrained open_clip CLIP + expert checkpoint files + zero-shot heads from the given class names.
 
@@ -190,7 +226,10 @@ class OpenCLIPPool(ModelPool):
             ``openai/clip-vit-base-patch32``), ``local-dir:DIR``, or None for random weights.
         experts: task name → expert checkpoint: ``.safetensors``, ``.pt`` (read with
             ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), or an
-            HF CLIPVisionModel / CLIPModel folder. Every task must be known to ``task_info``.
+            HF CLIPVisionModel / CLIPModel folder. Every task must be known to ``task_info``. Where
+            ``pretrained`` or an expert records its activation (a tag, HF ``hidden_act``, pickled
+            QuickGELU modules, adamerge export metadata), it must be ``model_name``'s: OpenAI-derived
+            weights need ``ViT-B-32-quickgelu`` (:mod:`adamerge.models.activation`).
         tasks: which experts to use, in order (default: all of ``experts``).
         allow_pickle: accept pickled checkpoints. Unpickling runs code from the file: trusted files only.
         cache_dir: folder caching zero-shot heads (None: always recompute).
@@ -229,10 +268,12 @@ class OpenCLIPPool(ModelPool):
         self.tokenizer = tokenizer
         self.model_id = text_tower_fingerprint(clip)
         self.identity = identity
+        self.model_name, self.model_config = model_config_of(model_name, pretrained)
+        self._check_activations({t: experts[t] for t in tasks})
         heads = self._build_heads(tasks, lookup, cache_dir, device)
         reference = {k: v.detach() for k, v in clip.visual.state_dict().items()}
-        sources = {t: ExpertFile(experts[t], reference, allow_pickle) for t in tasks}
-        self._check_activation(model_name, sources)
+        sources = {t: ExpertFile(experts[t], reference, allow_pickle, self.model_name, self.model_config)
+                   for t in tasks}
         super().__init__(clip.visual, sources, heads, logit_scale=logit_scale_of(clip), name=model_name)
 
     @staticmethod
@@ -273,22 +314,16 @@ class OpenCLIPPool(ModelPool):
                 self.clip.to("cpu")
         return heads
 
-    @staticmethod
-    def _check_activation(model_name: str, sources: Mapping[str, ExpertFile]) -> None:
-        cfg = open_clip.get_model_config(model_name) or {}
-        quick = bool(cfg.get("quick_gelu", False))
-        for task, src in sources.items():
-            if src.path.is_dir() and (src.path / "config.json").is_file():
-                act = hf_vision_config(src.path).get("hidden_act")
-                if act is not None and (act == "quick_gelu") != quick:
-                    warnings.warn(
-                        f"expert {task!r} ({src.path}) was trained with hidden_act={act!r} but open_clip "
-                        f"model {model_name!r} has quick_gelu={quick}; use the matching config "
-                        "(e.g. ViT-B-32-quickgelu for OpenAI CLIP weights)",
-                        UserWarning,
-                        stacklevel=3,
-                    )
+    def _check_activations(self, experts: Mapping[str, str]) -> None:
+        """Refuse, before any head is built, experts whose config or metadata records another activation
+        (pickled experts tell theirs only when unpickled: :class:`ExpertFile` checks on every load)."""
+        for task, path in experts.items():
+            try:
+                check_activation(self.model_name, self.model_config, activation_of(path))
+            except ActivationMismatchError as e:
+                raise ActivationMismatchError(f"expert for task {task!r}: {e}") from None
 
     def export(self, visual_state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
-        """Write the full CLIP (pretrained text tower + ``visual_state``) as safetensors, atomically."""
-        return export_merged(self, visual_state, path)
+        """Write the full CLIP (pretrained text tower + ``visual_state``) as safetensors, atomically, its
+        model name, config and activation in the file's metadata."""
+        return export_merged(self, visual_state, path, model_name=self.model_name, model_config=self.model_config)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from adamerge.files import file_fingerprint
 from adamerge.merging.task_vectors import MergeError, check_compatible, state_fingerprint, task_vector
+from adamerge.models.activation import export_metadata
 from adamerge.models.checkpoints import check_finite
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
@@ -45,6 +46,12 @@ class ModelPool:
         logit_scale: the multiplier applied to cosine similarities (CLIP's ``logit_scale.exp()``).
         name: a short identifier (model name), used in cache keys and checkpoints.
     """
+
+    model_name: str | None = None
+    """The open_clip model the encoder is, when known (OpenCLIPPool): files read for this pool (a base
+    merge) are checked against its activation, and exports record it."""
+    model_config: dict | None = None
+    """That model's open_clip config (None: ``open_clip.get_model_config(model_name)``)."""
 
     def __init__(
         self,
@@ -138,14 +145,16 @@ class ModelPool:
     def export(self, visual_state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
         """Save a merged encoder state dict to ``path`` (``.safetensors`` or ``.pt``), atomically.
 
-        The base pool writes the encoder's state dict only; :class:`~adamerge.models.open_clip_pool.
-        OpenCLIPPool` writes a full open_clip CLIP that ``open_clip.create_model(name, pretrained=path)``
-        loads. Keys, shapes and finiteness are checked first; on error nothing is written.
+        The base pool writes the encoder's state dict only (a ``.safetensors`` file records the
+        encoder's activation in its metadata); :class:`~adamerge.models.open_clip_pool.OpenCLIPPool`
+        writes a full open_clip CLIP that ``open_clip.create_model(name, pretrained=path)`` loads.
+        Keys, shapes and finiteness are checked first; on error nothing is written.
         """
         from adamerge.models.checkpoints import save_state_dict
 
         check_compatible(self._pretrained, visual_state, name="merged state dict")
-        return save_state_dict(visual_state, path)
+        return save_state_dict(visual_state, path,
+                               metadata=export_metadata(self.encoder, self.model_name, self.model_config))
 
     def build_encoder(self, state: Mapping[str, Tensor] | None = None) -> nn.Module:
         """A new encoder (deep copy of θ_0's module) with ``state`` loaded strictly, frozen, eval mode."""

@@ -48,7 +48,8 @@ def base_merge_state(
     """
     if is_path(base_merge):
         try:
-            return load_visual_state(base_merge, reference=pool.pretrained_state())
+            return load_visual_state(base_merge, reference=pool.pretrained_state(),  # activation checked too
+                                     model_name=pool.model_name, model_config=pool.model_config)
         except CheckpointError as e:
             raise CheckpointError(f"{option}: {e}") from None
     if isinstance(base_merge, str):
