@@ -75,3 +75,15 @@ def test_unknown_method_and_bad_arguments(pool):
         merge_pool(pool, "ties", keep=2.0)
     with pytest.raises(ValueError, match="task 'nope' has no expert"):
         merge_pool(pool, "task_arithmetic", tasks=["nope"])
+
+
+def test_presets_are_named_official_runs_and_single_values_override_them(pool):
+    from adamerge.merging.registry import PRESETS
+
+    pre, taus = pool.pretrained_state(), _taus(pool)
+    _same(merge_pool(pool, "ties", preset="paper"), ties_merge(pre, taus, keep=0.2, merge="mean", lam=1.0))
+    _same(merge_pool(pool, "ties", preset="paper", lam=0.5), ties_merge(pre, taus, merge="mean", lam=0.5))
+    _same(merge_pool(pool, "ties"), merge_pool(pool, "ties", preset="adamerging"))  # the default is a named run
+    assert PRESETS["ties"]["adamerging"] == {"keep": 0.2, "merge": "sum", "lam": 0.3}
+    with pytest.raises(MergeError, match="'ties' has no preset 'nope'; its presets: adamerging, paper"):
+        merge_pool(pool, "ties", preset="nope")

@@ -153,3 +153,22 @@ def test_default_base_is_the_papers_task_arithmetic_outside_the_mlps():
     system = WEMoE(pool)  # the component's own one-pass task arithmetic
     for name, buf in direct.encoder.state_dict().items():
         torch.testing.assert_close(system.model.encoder.state_dict()[name], buf, rtol=0, atol=1e-6)
+
+
+def test_eval_batch_reduce_averages_routing_over_each_evaluation_batch_as_the_published_numbers_did():
+    """FusionBench / E-WEMoE evaluate with one routing vector per test batch (their code clears
+    batch_reduce on the root module only); ``eval_batch_reduce`` reproduces that, off by default."""
+    pool = make_tiny_pool()
+    torch.manual_seed(0)
+    published = WEMoE(pool, model=partial(WEMoEModel, eval_batch_reduce=True)).eval()
+    torch.manual_seed(0)  # the same routers
+    paper = WEMoE(pool).eval()
+    x = images(4, seed=3)
+    got = published.task_logits("task1", x)
+    assert published.model.mlps[0].last_weights.shape == (3,)  # one vector for the batch
+    paper.model.set_batch_reduce(True)
+    torch.testing.assert_close(got, paper.task_logits("task1", x))  # same routers: the averaged-routing logits
+    paper.model.set_batch_reduce(False)
+    per_sample = paper.task_logits("task1", x)
+    assert paper.model.mlps[0].last_weights.shape == (4, 3) and not torch.allclose(got, per_sample)
+    assert not published.model.mlps[0].batch_reduce  # restored after the batch

@@ -96,7 +96,11 @@ class WEMoEModel(nn.Module):
         chunk_size: merge per-sample weights for at most this many samples at a time (bounds the
             transient memory, chunk_size × the MLP's weights per linear); None: the whole batch.
         batch_reduce: while training, average the routing weights over each task's batch (one merge
-            per batch, the FusionBench default); evaluation always merges per sample.
+            per batch, the FusionBench default).
+        eval_batch_reduce: also average them over each evaluation batch. Off: every test sample gets its
+            own merged MLP (the paper). On: what the published E-WEMoE and FusionBench numbers measured
+            (their code turns batch averaging off on the root module only), which depends on the
+            evaluation batch (FusionBench: 128, unshuffled); see docs/parity.md.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class WEMoEModel(nn.Module):
         impl: Impl = "weights",
         chunk_size: int | None = None,
         batch_reduce: bool = True,
+        eval_batch_reduce: bool = False,
     ) -> None:
         super().__init__()
         try:
@@ -125,6 +130,7 @@ class WEMoEModel(nn.Module):
         self.set_impl(impl)
         self.set_chunk_size(chunk_size)
         self.batch_reduce = bool(batch_reduce)
+        self.eval_batch_reduce = bool(eval_batch_reduce)
 
     @classmethod
     def from_parts(
@@ -134,7 +140,7 @@ class WEMoEModel(nn.Module):
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._setup(encoder, routers, tasks, config)
-        model.batch_reduce = True
+        model.batch_reduce, model.eval_batch_reduce = True, False
         return model
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.merging.registry import METHODS, TaskVectorSource
+from adamerge.merging.registry import METHODS, PRESETS, TaskVectorSource
 from adamerge.merging.task_vectors import MergeError
 
 __all__ = ["METHODS", "TaskVectorSource", "merge_pool"]
@@ -25,7 +25,8 @@ __all__ = ["METHODS", "TaskVectorSource", "merge_pool"]
 
 @torch.no_grad()
 def merge_pool(
-    pool: TaskVectorSource, method: str, tasks: Sequence[str] | None = None, **kwargs: Any
+    pool: TaskVectorSource, method: str, tasks: Sequence[str] | None = None, preset: str | None = None,
+    **kwargs: Any,
 ) -> dict[str, Tensor]:
     """Merge the pool's experts with a static method chosen by name; returns a new state dict.
 
@@ -35,11 +36,19 @@ def merge_pool(
             optmerge, and any registered with :func:`adamerge.merging.register_method`).
         tasks: the tasks whose experts are merged, in this order (default: all, pool order). The
             order matters only for OPCM.
-        **kwargs: the method's own arguments (``lam``, ``keep``, ``merge``, ``dare``, ``ratio``,
-            ``alpha``, ``iters`` …), as documented on the method's function.
+        preset: a named official setting of the method (its ``PRESETS``, e.g. TIES ``"paper"``);
+            ``kwargs`` override single values of it.
+        **kwargs: the method's own arguments (``lam``, ``keep``, ``merge``, ``dare``, ``alpha``,
+            ``iters`` …), as documented on the method's function.
     """
     if method not in METHODS:
         raise MergeError(f"unknown merging method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    if preset is not None:
+        known = PRESETS.get(method, {})
+        if preset not in known:
+            raise MergeError(f"merging method {method!r} has no preset {preset!r}; its presets: "
+                             f"{', '.join(sorted(known)) or 'none'}")
+        kwargs = {**known[preset], **kwargs}
     try:
         return METHODS[method](pool, tasks, **kwargs)
     except TypeError as e:  # an argument the method does not take

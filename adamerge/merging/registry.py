@@ -24,11 +24,12 @@ from torch import Tensor
 
 from adamerge.merging.task_vectors import running_sum
 
-__all__ = ["LABELS", "METHODS", "TaskVectorSource", "register_method", "streamed_sum"]
+__all__ = ["LABELS", "METHODS", "PRESETS", "TaskVectorSource", "register_method", "streamed_sum"]
 
 MergeFn = Callable[..., dict[str, Tensor]]
 METHODS: dict[str, MergeFn] = {}
 LABELS: dict[str, str] = {}  # name → short row name ("TIES"), e.g. in "Surgery on TIES"
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {}  # name → {preset: the official run's arguments}
 _ORIGINS: dict[str, str] = {}
 
 
@@ -52,7 +53,10 @@ def _on_pool(fn: MergeFn) -> MergeFn:
     return run
 
 
-def register_method(name: str, pool_level: bool = False, label: str | None = None) -> Callable[[MergeFn], MergeFn]:
+def register_method(
+    name: str, pool_level: bool = False, label: str | None = None,
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> Callable[[MergeFn], MergeFn]:
     """Register a static merge under ``name`` (returns the function unchanged).
 
     Args:
@@ -60,6 +64,8 @@ def register_method(name: str, pool_level: bool = False, label: str | None = Non
         pool_level: the function takes ``(pool, tasks=None, **kwargs)`` instead of
             ``(pretrained, task_vectors, **kwargs)``.
         label: the short name results tables use for a model built on this merge (default ``name``).
+        presets: named official settings, ``{"paper": {"merge": "mean", "lam": 1.0}}``: the arguments
+            of one published run each (``merge_pool(pool, name, preset="paper")``; docs/parity.md).
     """
 
     def decorate(fn: MergeFn) -> MergeFn:
@@ -68,6 +74,7 @@ def register_method(name: str, pool_level: bool = False, label: str | None = Non
             raise ValueError(f"merging method {name!r} is registered twice: by {_ORIGINS[name]} and {origin}")
         METHODS[name], _ORIGINS[name] = (fn if pool_level else _on_pool(fn)), origin
         LABELS[name] = label or name
+        PRESETS[name] = {k: dict(v) for k, v in (presets or {}).items()}
         return fn
 
     return decorate

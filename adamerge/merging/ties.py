@@ -136,12 +136,17 @@ def _stack_trimmed(taus: Sequence[StateDict], key: str, thresholds: Sequence[flo
     return torch.stack([_trim(t[key].float(), thr) for t, thr in zip(taus, thresholds)])
 
 
-@register_method("ties", label="TIES")
+@register_method("ties", label="TIES", presets={
+    # the TIES baseline of the AdaMerging / Surgery papers and FusionBench (published B/32: 72.4): the default
+    "adamerging": {"keep": 0.2, "merge": "sum", "lam": 0.3},
+    # the TIES paper: disjoint mean; λ chosen on validation, 1.0 without it
+    "paper": {"keep": 0.2, "merge": "mean", "lam": 1.0},
+})
 def ties_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],
     keep: float = 0.2,
-    merge: str = "mean",
+    merge: str = "sum",
     lam: float = 0.3,
     dare: float | None = None,
     seed: int = 0,
@@ -155,8 +160,10 @@ def ties_merge(
         pretrained: θ_0.
         taus: the task vectors τ_1..τ_K.
         keep: fraction of each task vector's entries kept, in (0, 1] (paper: 0.2).
-        merge: "mean" (paper) or "sum" (AdaMerging++ / FusionBench) over the agreeing entries.
-        lam: the scaling coefficient λ >= 0.
+        merge: "sum" (the AdaMerging papers' TIES baseline, AdaMerging++, FusionBench) or "mean"
+            (the TIES paper) over the agreeing entries.
+        lam: the scaling coefficient λ >= 0 (0.3 with "sum"; the TIES paper's "mean" wants ~1.0:
+            ``preset="paper"``).
         dare: if set, DARE drop rate p in [0, 1) applied to each τ_k before TIES.
         seed: seed of the DARE masks.
     """

@@ -86,7 +86,13 @@ class WEMoE(TestTimeSystem):
         return {**super().method_identity(), "base_merge": self.model.config["base_merge"]}
 
     def task_logits(self, task: str, images: Tensor) -> Tensor:
-        return self.logits(task, self.model(images))
+        if self.training or not self.model.eval_batch_reduce:
+            return self.logits(task, self.model(images))
+        self.model.set_batch_reduce(True)  # one routing vector per evaluation batch (published numbers)
+        try:
+            return self.logits(task, self.model(images))
+        finally:
+            self.model.set_batch_reduce(False)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         self.model.set_batch_reduce(self.model.batch_reduce)
