@@ -213,3 +213,71 @@ def test_bad_inputs():
     assert merger.count == 1  # rejected experts left the merger as it was
     with pytest.raises(MergeError, match="pretrained state dict: key 'lin.weight' contains Inf"):
         OPCMerger(dict(pre, **{"lin.weight": torch.full((6, 4), float("inf"))}))
+
+
+def _fusionbench_opcm(pre, experts, alpha, linear, non_leaf):
+    """FusionBench ``OPCMForCLIP.run`` (fusion_bench/method/opcm/opcm.py) on state dicts, in float64:
+    the merged model starts as the first expert; each next expert updates leaf-module parameters
+    (``linear``: projected with full SVDs and ``.diagonal().fill_(0)``; others added), leaves
+    ``non_leaf`` parameters alone, then rescales the whole merged task vector to the mean norm."""
+    keys = [k for k in pre if pre[k].is_floating_point()]
+    pre = {k: pre[k].double() for k in keys}
+    experts = [{k: e[k].double() for k in keys} for e in experts]
+
+    def norm(state):
+        return math.sqrt(sum(float((state[k] - pre[k]).square().sum()) for k in keys))
+
+    merged = dict(experts[0])
+    all_norms, previous_lambda_t = [norm(experts[0])], 1.0
+    for task in experts[1:]:
+        all_norms.append(norm(task))
+        avg = float(np.mean(all_norms))
+        for k in keys:
+            if k in non_leaf:
+                continue
+            previous_merged_tv, task_tv = merged[k] - pre[k], task[k] - pre[k]
+            if k in linear:
+                u, s, vh = torch.linalg.svd(previous_merged_tv, full_matrices=True)
+                v = vh.T
+                split_rank = (s.cumsum(dim=0) / s.sum() > alpha).float().argmax().item()
+                projected = u.T @ task_tv @ v
+                projected.diagonal().fill_(0)
+                projected[:split_rank, :split_rank] = 0
+                task_tv = u @ projected @ v.T
+            merged[k] = pre[k] + (previous_lambda_t * previous_merged_tv + task_tv) / 1
+        task_vector_norm = norm(merged)
+        previous_lambda_t = task_vector_norm / avg
+        merged = {k: pre[k] + (merged[k] - pre[k]) * (avg / task_vector_norm) for k in keys}
+    return merged
+
+
+def test_matches_fusionbench_loop_and_leaves_class_embedding_unmerged():
+    """FusionBench merges leaf modules only: HF's embeddings.class_embedding (open_clip class_embedding)
+    keeps the first expert's value, rescaled with the rest; every other parameter is merged."""
+    pre = dict(_pre(), class_embedding=torch.randn(4, generator=torch.Generator().manual_seed(9)))
+    experts = [_expert(pre, i) for i in range(4)]
+    merger = OPCMerger(pre)
+    for t, e in enumerate(experts, start=1):
+        merger.add(e)
+        want = _fusionbench_opcm(pre, experts[:t], 0.5, linear={"lin.weight"}, non_leaf={"class_embedding"})
+        got = merger.merged_state()
+        for k, v in want.items():
+            assert torch.allclose(got[k].double(), v, atol=1e-5), (t, k)
+    first_tau = experts[0]["class_embedding"] - pre["class_embedding"]
+    got_tau = merger.merged_task_vector()["class_embedding"]
+    assert torch.allclose(got_tau, first_tau * (got_tau.norm() / first_tau.norm()), atol=1e-6)  # τ_1, shrunk
+    assert got_tau.norm() < 0.5 * first_tau.norm()
+    every = OPCMerger(pre, is_merged=lambda k, t: True)  # opt out: merged like any other parameter
+    for e in experts:
+        every.add(e)
+    assert not torch.allclose(every.merged_task_vector()["class_embedding"], got_tau, atol=1e-4)
+
+
+def test_paper_era_diag_fill_was_a_no_op():
+    """tanganke/opcm wrote ``projected_task_tv.diag().fill_(0)``: ``diag()`` of a matrix is a copy, so
+    nothing was zeroed; FusionBench 2c3df13 uses ``.diagonal()`` (a view), which we follow."""
+    p = torch.ones(3, 3)
+    p.diag().fill_(0)
+    assert torch.equal(p, torch.ones(3, 3))
+    p.diagonal().fill_(0)
+    assert torch.equal(p, 1 - torch.eye(3))

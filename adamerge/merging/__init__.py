@@ -3,7 +3,9 @@
 Every function takes state dicts (``Mapping[str, Tensor]``) and returns a new one; inputs are never
 modified. Float tensors are computed in float32 and returned in their own dtype; other tensors pass
 through from θ_0. Bad input raises :class:`MergeError` naming the problem. Each method's file
-registers it by name (``@register_method``) for :func:`merge_pool`.
+registers it by name (``@register_method``) for :func:`merge_pool`. Methods that work per matrix
+(SVD, low rank, projections) see open_clip's fused attention q;k;v as three matrices through
+:func:`splits_fused_qkv` / :class:`QKVLayout` (:mod:`adamerge.merging.fused`).
 """
 
 import importlib as _importlib
@@ -11,6 +13,7 @@ import pkgutil as _pkgutil
 
 from adamerge.merging.dare import dare, dare_all
 from adamerge.merging.dispatch import METHODS, TaskVectorSource, merge_pool
+from adamerge.merging.fused import QKVLayout, split_qkv, splits_fused_qkv
 from adamerge.merging.opcm import OPCMerger, opcm_project
 from adamerge.merging.optmerge import optmerge
 from adamerge.merging.pcb import pcb_merge
@@ -24,6 +27,7 @@ __all__ = [
     "METHODS",
     "MergeError",
     "OPCMerger",
+    "QKVLayout",
     "TaskVectorSource",
     "add_task_vector",
     "check_compatible",
@@ -34,6 +38,8 @@ __all__ = [
     "optmerge",
     "pcb_merge",
     "register_method",
+    "split_qkv",
+    "splits_fused_qkv",
     "task_arithmetic",
     "task_vector",
     "ties_elect_sign",
