@@ -11,15 +11,17 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from adamerge.cli import main
-from adamerge.data.registry import get_task
+from adamerge.data.registry import get_task, task_set
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAGMENT_DIRS = ("trainer", "method")  # partial configs, layered after a full run config
 MINI_BASE = ROOT / "configs" / "mini" / "base.yaml"  # every mini run is this base plus one method config
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name not in FRAGMENT_DIRS and p != MINI_BASE)
+PAPER = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))  # model x task set; a method is layered on
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
+                 if p.parent.name not in FRAGMENT_DIRS and p != MINI_BASE and p not in PAPER)
 FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 METHOD_FRAGMENTS = sorted((ROOT / "configs" / "method").glob("*.yaml"))
-VITB32_TASKS = ["sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+VITB32_TASKS = task_set("20")  # the 8 standard tasks first, then TALL masks' 12
 
 
 def _fit_two_steps(args: list[str], tmp_path: Path):
@@ -50,7 +52,7 @@ def _mini_overrides(cache: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def vitb32_stand_in(tmp_path_factory):
-    """Tiny open_clip files and image folders under the eight standard task names, for the ViT-B/32 YAMLs."""
+    """Tiny open_clip files and image folders under the 20 task names, for the ViT and paper YAMLs."""
     root = tmp_path_factory.mktemp("vitb32")
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -219,3 +221,33 @@ def test_the_vit_configs_build_the_activation_their_weights_were_trained_with():
         assert cfg["data"]["init_args"]["source"]["init_args"]["preprocess"] == name, config
     assert open_clip.get_model_config("ViT-B-32-quickgelu")["quick_gelu"] is True
     assert not open_clip.get_model_config("ViT-B-32").get("quick_gelu", False)
+
+
+PAPER_METHODS = ["adamerging_official.yaml", "adamerging_plusplus_official.yaml", "surgery_official.yaml",
+                 "wemoe_published.yaml", "ewemoe_published.yaml"]
+
+
+@pytest.mark.parametrize("setup", PAPER, ids=lambda p: str(p.relative_to(ROOT / "configs" / "paper")))
+def test_every_paper_config_runs_two_steps_with_an_official_method(setup, tmp_path, vitb32_stand_in):
+    """configs/paper/<model>/tasks<N>.yaml + one official method fragment, on random tiny weights: the
+    task set is the registry's, the model is the QuickGELU one, and two steps run."""
+    import yaml
+
+    text = yaml.safe_load(setup.read_text())
+    n = setup.stem.removeprefix("tasks")
+    tasks = task_set(n)
+    pool_args = text["model"]["init_args"]["pool"]["init_args"]
+    assert list(pool_args["experts"]) == tasks and text["data"]["init_args"]["source"]["init_args"]["tasks"] == tasks
+    assert pool_args["model_name"].endswith("-quickgelu")
+    assert text["data"]["init_args"]["source"]["init_args"]["preprocess"] == pool_args["model_name"]
+    method = PAPER_METHODS[PAPER.index(setup) % len(PAPER_METHODS)]
+    root, experts = vitb32_stand_in
+    args = ["--config", str(setup), "--config", str(ROOT / "configs" / "method" / method),
+            "--model.init_args.pool.init_args.model_name=adamerge-test-vit",
+            f"--model.init_args.pool.init_args.pretrained={root / 'zeroshot.safetensors'}",
+            f"--model.init_args.pool.init_args.cache_dir={root / 'heads'}",
+            f"--data.init_args.source.init_args.root={root / 'data'}",
+            "--data.init_args.source.init_args.preprocess=adamerge-test-vit",
+            *[f"--model.init_args.pool.init_args.experts.{t}={experts[t]}" for t in tasks]]
+    cli = _fit_two_steps(args, tmp_path)
+    assert cli.model.tasks == tasks
