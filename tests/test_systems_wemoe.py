@@ -172,3 +172,17 @@ def test_eval_batch_reduce_averages_routing_over_each_evaluation_batch_as_the_pu
     per_sample = paper.task_logits("task1", x)
     assert paper.model.mlps[0].last_weights.shape == (4, 3) and not torch.allclose(got, per_sample)
     assert not published.model.mlps[0].batch_reduce  # restored after the batch
+
+
+def test_an_lr_scheduler_steps_every_training_step_and_resumes(tmp_path):
+    """The original WEMoE repo anneals lr by cosine over its 1000 steps: the schedule is the system's,
+    stepped per step, and saved in the checkpoint (a resume continues it)."""
+    import math
+
+    pool = make_tiny_pool()
+    sched = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4)
+    system = WEMoE(pool, optimizer=partial(torch.optim.Adam, lr=1e-3), lr_scheduler=sched)
+    ckpt = fit(tmp_path, system, steps=2)
+    lr = system.trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-3 * (1 + math.cos(math.pi * 2 / 4)) / 2)
+    assert torch.load(ckpt, weights_only=True)["lr_schedulers"][0]["last_epoch"] == 2

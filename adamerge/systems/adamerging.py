@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torch.func import functional_call
 
@@ -44,6 +44,7 @@ class AdaMerging(TestTimeSystem):
             default its defaults (layer-wise, init 0.3, clamped to [0, 1]).
         optimizer: optimizer for the coefficients (default Adam, lr 1e-3).
         export_dir: if set, the merged model, coefficients and ``metrics.json`` go here after fit.
+        lr_scheduler: an optional schedule of the optimizer's lr, stepped every step (see TestTimeSystem).
     """
 
     def __init__(
@@ -53,8 +54,9 @@ class AdaMerging(TestTimeSystem):
         model: Callable[[ModelPool, list[str]], AdaMergingModel] | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         export_dir: str | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(pool, tasks, optimizer, export_dir, model=model or AdaMergingModel)
+        super().__init__(pool, tasks, optimizer, export_dir, model=model or AdaMergingModel, lr_scheduler=lr_scheduler)
         self._eval_params: dict[str, Tensor] | None = None
 
     # ---- forward ---------------------------------------------------------------------------

@@ -28,8 +28,7 @@ Contract for subclasses (WEMoE and Surgery are built on it; keep it stable):
   ``learned.safetensors`` (the learnable parameters by name); subclasses extend it.
 * Overriding ``setup``/``on_save_checkpoint``/``on_load_checkpoint``: call ``super()``.
 
-* ``identity`` — for systems without a component: names of ``hparams`` that define what the
-  learnable state means; a resume whose values differ is refused, naming the field.
+* ``identity`` — for systems without a component: ``hparams`` names a resume must match.
 
 Behaviour: ``training_step`` accepts ``{task: images}`` or ``{task: (images, labels)}`` and never
 reads labels; logs ``train/loss/<task>`` and ``train/loss``. ``validation_step``/``test_step``
@@ -57,7 +56,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from safetensors.torch import save_file
@@ -84,8 +83,7 @@ _META_KEY = "adamerge"
 
 
 def _quiet_frozen_eval_notice() -> None:
-    """Frozen encoders stay in eval mode on purpose (no dropout, no batch-norm updates while adapting):
-    silence exactly Lightning's "modules in eval mode" notice, nothing else."""
+    """Frozen encoders stay in eval mode on purpose: silence exactly Lightning's notice about it."""
     warnings.filterwarnings(
         "ignore",
         message=r"Found \d+ module\(s\) in eval mode at the start of training",
@@ -119,6 +117,8 @@ class TestTimeSystem(L.LightningModule):
             hyper-parameters, documented once, in the component); it is built as
             ``cls(pool, tasks, **init_args)`` and must map images to features. Systems of one method
             (AdaMerging, WEMoE, Surgery) build theirs and leave this unset.
+        lr_scheduler: optional learning-rate schedule of that optimizer, stepped every training step
+            (e.g. ``CosineAnnealingLR`` with ``T_max`` = the steps, as WEMoE's original code).
 
     Attributes:
         overwrite: replace an ``export_dir`` that holds another run's export (the CLI's
@@ -137,14 +137,15 @@ class TestTimeSystem(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         export_dir: str | None = None,
         model: ComponentFactory | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(pool, ModelPool):
             raise TypeError(f"pool must be a ModelPool, got {type(pool).__name__}")
-        self.save_hyperparameters(ignore=["pool", "optimizer", "model"])
+        self.save_hyperparameters(ignore=["pool", "optimizer", "model", "lr_scheduler"])
         self.pool = pool
         self.tasks = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        self.optimizer = optimizer
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.export_dir = export_dir
         self.overwrite = False
         self.run_id = uuid.uuid4().hex[:12]
@@ -276,7 +277,9 @@ class TestTimeSystem(L.LightningModule):
             raise ValueError(f"{type(self).__name__} has no learnable parameters")
         optimizer = self.optimizer(params)
         check_learning_rates(optimizer, type(self).__name__)
-        return optimizer
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
 
     # ---- evaluation ------------------------------------------------------------------------
     def _eval_step(self, metrics: nn.ModuleList, batch, dataloader_idx: int) -> None:

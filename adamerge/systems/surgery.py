@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -66,6 +66,7 @@ class Surgery(TestTimeSystem):
         export_merged: also write the base merged encoder to ``merged.safetensors`` at export.
         optimizer: optimizer for the aligners (default Adam, lr 1e-3).
         export_dir: if set, aligners, metadata, merged model and ``metrics.json`` go here after fit.
+        lr_scheduler: an optional schedule of the optimizer's lr, stepped every step (see TestTimeSystem).
     """
 
     def __init__(
@@ -79,8 +80,9 @@ class Surgery(TestTimeSystem):
         export_merged: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         export_dir: str | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(pool, tasks, optimizer, export_dir)
+        super().__init__(pool, tasks, optimizer, export_dir, lr_scheduler=lr_scheduler)
         experts_dtype = dtype_named(expert_dtype, "expert_dtype")
         self.base_merge = base_merge
         self.export_merged = export_merged

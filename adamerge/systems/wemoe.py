@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -64,6 +64,7 @@ class WEMoE(TestTimeSystem):
             E-WEMoE is its configuration ``shared_router: true, keep: 0.1``.
         optimizer: optimizer for the routers (default Adam, lr 1e-4).
         export_dir: if set, routers, the upscaled model and ``metrics.json`` go here after fit.
+        lr_scheduler: an optional schedule of the optimizer's lr, stepped every step (see TestTimeSystem).
     """
 
     def __init__(
@@ -74,8 +75,9 @@ class WEMoE(TestTimeSystem):
         model: Callable[[ModelPool, list[str], Mapping[str, Tensor] | None], WEMoEModel] | None = None,
         optimizer: OptimizerCallable = wemoe_optimizer,
         export_dir: str | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(pool, tasks, optimizer, export_dir)
+        super().__init__(pool, tasks, optimizer, export_dir, lr_scheduler=lr_scheduler)
         base = None if base_merge is None else base_merge_state(pool, base_merge, self.tasks)
         self.use_component((model or WEMoEModel)(pool, self.tasks, base))
         self.base_merge = base_merge
