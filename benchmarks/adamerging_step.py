@@ -21,13 +21,12 @@ import json
 import platform
 import resource
 import statistics
-import sys
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import build_visual, random_pool, timed
 from torch import nn
 
 from adamerge.components.adamerging import AdaMergingModel
@@ -40,50 +39,10 @@ MODELS = {"mini": 6, "vit-b-32": 8, "tiny": 3}  # default number of tasks K per 
 
 def build_encoder(model: str) -> tuple[nn.Module, int, int]:
     """(visual encoder, image size, embedding dim) with random weights."""
-    if model == "vit-b-32":
-        import open_clip
-
-        clip = open_clip.create_model("ViT-B-32", pretrained=None)
-        return clip.visual.eval(), 224, clip.visual.output_dim
-    if model == "mini":
-        from adamerge.data.mini.model import create_clip, get_preset
-
-        cfg = get_preset("default")
-        clip = create_clip(cfg, seed=0)
-        return clip.visual.eval(), cfg.image_size, clip.visual.output_dim
-    if model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_tiny_clip
-
-        clip = make_tiny_clip()
-        return clip.visual.eval(), 16, clip.visual.output_dim
-    raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
-
-
-def build_pool(encoder: nn.Module, dim: int, k: int, classes: int = 10, scale: float = 1e-3) -> ModelPool:
-    """K random experts θ_0 + scale·N(0, 1) (generated lazily, one at a time) and random heads."""
-    theta0 = encoder.state_dict()
-
-    def expert(seed: int):
-        def load():
-            g = torch.Generator().manual_seed(seed)
-            return {
-                n: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                for n, v in theta0.items()
-            }
-
-        return load
-
-    g = torch.Generator().manual_seed(1234)
-    heads = {f"task{i}": F.normalize(torch.randn(classes, dim, generator=g), dim=-1) for i in range(k)}
-    return ModelPool(
-        encoder, {f"task{i}": expert(i) for i in range(k)}, heads, logit_scale=100.0, name="bench"
-    )
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
+    encoder = build_visual({"vit-b-32": "ViT-B-32"}.get(model, model))
+    return encoder, encoder.image_size[0], encoder.output_dim
 
 
 def rss_mib() -> float:
@@ -91,40 +50,42 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_steps(system: AdaMerging, pool: ModelPool, device: torch.device):
+def make_steps(system: AdaMerging, pool: ModelPool, device: torch.device, accumulate: int = 1):
+    """(adapt, plain): one AdaMerging step, and a plain forward+backward of the same encoder with fixed
+    weights, each over a dict of per-task batches. ``accumulate`` > 1 splits every task's batch into
+    that many micro-batches whose mean-loss gradients are averaged before the one optimizer step
+    (Lightning's ``accumulate_grad_batches``, as the official AdaMerging config runs: 2 × 16)."""
     optimizer = system.configure_optimizers()
     plain_encoder = pool.build_encoder().to(device)
     for p in plain_encoder.parameters():
         p.requires_grad_(True)  # the gradient the merge also needs; never stepped
     heads = {t: pool.heads[t].to(device) for t in pool.tasks}
 
+    def micro_batches(images: dict[str, torch.Tensor]):
+        chunks = {t: x.chunk(accumulate) for t, x in images.items()}
+        return [{t: c[i] for t, c in chunks.items()} for i in range(accumulate)]
+
     def adapt(images: dict[str, torch.Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.stack(list(system.adaptation_losses(images).values())).sum()
-        loss.backward()
+        for micro in micro_batches(images):
+            loss = torch.stack(list(system.adaptation_losses(micro).values())).sum()
+            (loss / accumulate).backward()
         optimizer.step()
 
     def plain(images: dict[str, torch.Tensor]) -> None:
         plain_encoder.zero_grad(set_to_none=True)
-        tasks = list(images)
-        feats = torch.split(
-            plain_encoder(torch.cat([images[t] for t in tasks])), [len(images[t]) for t in tasks]
-        )
-        loss = sum(
-            entropy(pool.logit_scale * F.normalize(f, dim=-1) @ heads[t].t()).mean()
-            for t, f in zip(tasks, feats)
-        )
-        loss.backward()
+        for micro in micro_batches(images):
+            tasks = list(micro)
+            feats = torch.split(
+                plain_encoder(torch.cat([micro[t] for t in tasks])), [len(micro[t]) for t in tasks]
+            )
+            loss = sum(
+                entropy(pool.logit_scale * F.normalize(f, dim=-1) @ heads[t].t()).mean()
+                for t, f in zip(tasks, feats)
+            )
+            (loss / accumulate).backward()
 
     return adapt, plain
-
-
-def timed(fn, images, device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn(images)
-    sync(device)
-    return time.perf_counter() - start
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -132,8 +93,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     k = args.tasks or MODELS[args.model]
-    encoder, size, dim = build_encoder(args.model)
-    pool = build_pool(encoder, dim, k)
+    encoder, size, _ = build_encoder(args.model)
+    pool = random_pool(encoder, k)
     system = AdaMerging(pool, model=partial(AdaMergingModel, granularity=args.granularity, tv_dtype=args.tv_dtype)).to(device)
     adapt, plain = make_steps(system, pool, device)
     g = torch.Generator().manual_seed(0)

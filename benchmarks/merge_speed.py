@@ -18,28 +18,15 @@ import argparse
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import reset_peak_memory, status_kib
 
 METHODS = ("ties", "opcm")
-
-
-def _status_kb(field: str) -> int:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _pretrained(model: str) -> dict[str, torch.Tensor]:
@@ -80,7 +67,7 @@ def _run_opcm(pre, args) -> dict:
         seconds += time.perf_counter() - start
         del expert
         gc.collect()
-        rss_after_add.append(round(_status_kb("VmRSS") / 2**20, 3))
+        rss_after_add.append(round(status_kib("VmRSS") / 2**20, 3))
     start = time.perf_counter()
     merged = merger.merged_state()
     seconds += time.perf_counter() - start
@@ -94,10 +81,10 @@ def worker(args) -> None:
     assert all(v.is_floating_point() for v in pre.values())  # open_clip's visual tower: float only
     params = sum(v.numel() for v in pre.values())
     gc.collect()
-    base_kb = _status_kb("VmRSS")
-    reset = _reset_peak()
+    base_kb = status_kib("VmRSS")
+    reset = reset_peak_memory(torch.device("cpu"))
     result = {"ties": _run_ties, "opcm": _run_opcm}[args.worker](pre, args)
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kib("VmHWM")
     result.update(
         method=args.worker,
         params=params,

@@ -29,47 +29,10 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import time
 from pathlib import Path
 
 METHODS = ("adamerging", "surgery_v1", "surgery_v2")
-
-
-def build_visual(model: str):
-    import open_clip
-    import torch
-
-    torch.manual_seed(0)
-    if model == "mini":
-        from adamerge.data.mini.model import create_clip, get_preset
-
-        return create_clip(get_preset("default"), seed=0).visual.eval()
-    return open_clip.create_model(model, pretrained=None).visual.eval()
-
-
-def random_pool(model: str, num_tasks: int, scale: float = 1e-3):
-    """θ0 = a random open_clip visual tower; experts θ0 + seeded noise, made on demand; random heads."""
-    import torch
-    import torch.nn.functional as F
-
-    from adamerge.models.pool import ModelPool
-
-    encoder = build_visual(model)
-    base = {k: v.detach() for k, v in encoder.state_dict().items()}
-
-    def expert(seed: int):
-        def load():
-            g = torch.Generator().manual_seed(seed)
-            return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                    for k, v in base.items()}
-
-        return load
-
-    tasks = [f"task{k}" for k in range(num_tasks)]
-    g = torch.Generator().manual_seed(0)
-    heads = {t: F.normalize(torch.randn(10, encoder.output_dim, generator=g), dim=-1) for t in tasks}
-    return ModelPool(encoder, {t: expert(k + 1) for k, t in enumerate(tasks)}, heads, name=model)
 
 
 def build_system(method: str, pool, expert_dtype: str):
@@ -89,31 +52,14 @@ def build_system(method: str, pool, expert_dtype: str):
                    export_merged=False)
 
 
-def _rss_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_method(method: str, args: dict) -> dict:
     """Build pool + system in this (fresh) process and time ``args['steps']`` adaptation steps."""
     import torch
+    from common import build_visual, peak_memory_mib, random_pool, reset_peak_memory, status_kib
 
     torch.set_num_threads(args["threads"]) if args["threads"] else None
     device = torch.device(args["device"])
-    pool = random_pool(args["model"], args["tasks"])
+    pool = random_pool(build_visual(args["model"]), args["tasks"], name=args["model"])
     system = build_system(method, pool, args["expert_dtype"]).to(device)
     system.train()
     params = system.learnable_parameters()
@@ -137,8 +83,8 @@ def run_method(method: str, args: dict) -> dict:
         out["model_mb"] = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
     else:
-        out["model_mb"] = (_rss_kb("VmRSS") or 0) / 1024
-        out["peak_reset"] = _reset_peak_rss()
+        out["model_mb"] = (status_kib("VmRSS") or 0) / 1024
+        out["peak_reset"] = reset_peak_memory(device)
     step(batches[0])  # warm-up (untimed, but in the peak): experts built and cached, optimizer state
     sync()
     start = time.perf_counter()
@@ -146,11 +92,7 @@ def run_method(method: str, args: dict) -> dict:
     sync()
     out["step_s"] = (time.perf_counter() - start) / args["steps"]
     out["losses"] = losses
-    if device.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        hwm = _rss_kb("VmHWM") if out["peak_reset"] else None
-        out["peak_mb"] = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+    out["peak_mb"] = peak_memory_mib(device)
     out["adaptation_extra_mb"] = out["peak_mb"] - out["model_mb"]
     return out
 

@@ -24,34 +24,11 @@ import platform
 import time
 import types
 
-import open_clip
 import torch
 import torch.nn.functional as F
+from common import build_visual, random_pool
 
 from adamerge.components.wemoe import WeightEnsemblingMLP, WEMoEModel
-from adamerge.models.pool import ModelPool
-
-
-def random_pool(model_name: str, num_tasks: int, scale: float = 1e-3) -> ModelPool:
-    """θ0 = a randomly initialised open_clip visual tower; experts θ0 + seeded noise, made on demand."""
-    torch.manual_seed(0)
-    encoder = open_clip.create_model(model_name, pretrained=None).visual.eval()
-    base = {k: v.detach() for k, v in encoder.state_dict().items()}
-    dim = encoder.output_dim
-
-    def expert(seed: int):
-        def load():
-            g = torch.Generator().manual_seed(seed)
-            return {
-                k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-                for k, v in base.items()
-            }
-
-        return load
-
-    tasks = [f"task{k}" for k in range(num_tasks)]
-    heads = {t: F.normalize(torch.randn(10, dim), dim=-1) for t in tasks}
-    return ModelPool(encoder, {t: expert(k + 1) for k, t in enumerate(tasks)}, heads, name=model_name)
 
 
 def loop_forward(self: WeightEnsemblingMLP, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +82,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
 
-    pool = random_pool(args.model, args.tasks)
+    pool = random_pool(build_visual(args.model), args.tasks, name=args.model)
     model = WEMoEModel(pool).to(device)
     counts = {"wemoe": model.trainable_parameter_count()}
     plain = pool.build_encoder().to(device)  # same cost as any merged encoder

@@ -1,0 +1,99 @@
+"""Adaptation steps on a CUDA device agree with the same steps on the CPU (``gpu``; skipped without CUDA).
+
+Each method's training step (the system's ``training_step``, backward, its optimizer's step) runs
+three times on the tiny pool from the same initialisation and batches, once on the CPU and once on
+``cuda``; losses and the first step's gradients must agree (TF32 off, so float32 means float32).
+AdaMerging in bfloat16 (autocast, bfloat16 task vectors: the GPU suite's fastest setting) must stay
+close to the float32 CPU run. Run with ``python -m pytest -m gpu`` or ``bash benchmarks/gpu_suite.sh``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_pool
+
+from adamerge.components.adamerging import AdaMergingModel
+from adamerge.components.surgery import SurgeryModel
+from adamerge.models.pool import ModelPool
+from adamerge.systems.adamerging import AdaMerging
+from adamerge.systems.surgery import Surgery
+from adamerge.systems.wemoe import WEMoE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEVICE = torch.device("cuda")
+SYSTEMS = {
+    "adamerging": lambda pool, tv_dtype="float32": AdaMerging(
+        pool, model=partial(AdaMergingModel, granularity="layer", tv_dtype=tv_dtype)
+    ),
+    "wemoe": lambda pool: WEMoE(pool),
+    "surgery_v2": lambda pool: Surgery(pool, model=partial(SurgeryModel, version="v2", rank=4), export_merged=False),
+}
+
+
+def soft_pool() -> ModelPool:
+    """The tiny pool with logit scale 10, so the entropy is far from saturated and gradients are not tiny."""
+    p = make_tiny_pool()
+    return ModelPool(p.encoder, {t: p.expert_state(t) for t in p.tasks}, p.heads, 10.0, name="tiny")
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """No TF32 in CUDA matmuls nor in cuDNN convolutions (the patch embedding)."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def adapt(method: str, device: torch.device, steps: int = 3, autocast: torch.dtype | None = None, **kwargs):
+    """(loss of every step, gradients of the learnable parameters at the first step) on ``device``."""
+    pool = soft_pool()
+    torch.manual_seed(0)  # the same routers / aligners on both devices (built on the CPU, then moved)
+    system = SYSTEMS[method](pool, **kwargs).to(device).train()
+    system.log = lambda *args, **kw: None  # no trainer to log to
+    optimizer = system.configure_optimizers()
+    g = torch.Generator().manual_seed(1)
+    images = {t: torch.randn(4, 3, 16, 16, generator=g).to(device) for t in pool.tasks}
+    ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    losses, grads = [], None
+    for i in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        with ctx:
+            loss = system.training_step(images, i)
+        loss.backward()
+        if grads is None:
+            grads = [p.grad.detach().float().cpu().clone() for p in system.learnable_parameters()]
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.device.type == device.type for p in system.learnable_parameters())
+    return torch.tensor(losses), grads
+
+
+@pytest.mark.parametrize("method", sorted(SYSTEMS))
+def test_adaptation_steps_on_cuda_match_the_cpu(method):
+    with exact_float32():
+        cpu_losses, cpu_grads = adapt(method, torch.device("cpu"))
+        gpu_losses, gpu_grads = adapt(method, DEVICE)
+    torch.testing.assert_close(gpu_losses, cpu_losses, rtol=1e-4, atol=1e-6)
+    assert len(gpu_grads) == len(cpu_grads)
+    scale = max(g.abs().max().item() for g in cpu_grads)
+    assert scale > 0, "no gradient reached the learnable parameters"
+    for gpu, cpu in zip(gpu_grads, cpu_grads):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_bf16_adamerging_on_cuda_stays_close_to_float32():
+    cpu_losses, cpu_grads = adapt("adamerging", torch.device("cpu"))
+    bf16_losses, bf16_grads = adapt("adamerging", DEVICE, autocast=torch.bfloat16, tv_dtype="bfloat16")
+    assert torch.isfinite(bf16_losses).all()
+    torch.testing.assert_close(bf16_losses, cpu_losses, rtol=3e-2, atol=1e-3)
+    cosine = F.cosine_similarity(bf16_grads[0].flatten(), cpu_grads[0].flatten(), dim=0)
+    assert cosine > 0.95, f"bfloat16 λ gradient points elsewhere (cosine {cosine:.3f})"
