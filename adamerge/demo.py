@@ -6,8 +6,9 @@
 Per seed it builds (or loads from the cache) the mini benchmark, evaluates the static baselines
 (zero-shot, experts, weight averaging, task arithmetic at λ=0.3 and at λ chosen on the labeled val
 split, TIES, PCB, OPCM), then trains the test-time methods through the real LightningCLI entry
-(``configs/mini/*.yaml``) on the unlabeled test stream. Every run writes ``metrics.json`` in
-``OUT/seed<k>/<run>/``; the table printed at the end is generated from those files
+(``configs/mini/base.yaml`` + one ``configs/mini/<method>.yaml``) on the unlabeled test stream.
+Every run writes ``metrics.json`` in ``OUT/seed<k>/<run>/``; the table printed at the end is
+generated from those files
 (:mod:`adamerge.results`).
 """
 
