@@ -38,9 +38,17 @@ __all__ = ["ImageFolderSource", "open_clip_preprocess"]
 
 def open_clip_preprocess(model_name: str) -> Callable:
     """open_clip's evaluation transform (resize, centre crop, normalise) for ``model_name``, an
-    open_clip model name or the path of a model-config JSON (registered here if needed)."""
+    open_clip model name, an ``hf-hub:org/name`` id (its ``open_clip_config.json``, through the Hugging
+    Face cache) or the path of a model-config JSON (registered here if needed)."""
     import open_clip
 
+    from adamerge.models.hub import hub_open_clip_config, is_hub_id
+
+    if is_hub_id(model_name):
+        config = hub_open_clip_config(model_name)
+        pp = config.get("preprocess_cfg", {})
+        size = config["model_cfg"]["vision_cfg"].get("image_size", 224)
+        return open_clip.image_transform(size, is_train=False, mean=pp.get("mean"), std=pp.get("std"))
     if model_name.endswith(".json"):
         path = Path(model_name)
         if not path.is_file():

@@ -49,6 +49,7 @@ from adamerge.models.checkpoints import (
 from adamerge.models.export import export_merged
 from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
 from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, is_hf_state
+from adamerge.models.hub import hub_open_clip_config, hub_weights, is_hub_id
 from adamerge.models.pool import ModelPool
 
 __all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "model_config_of", "register_model_config",
@@ -158,6 +159,19 @@ def _weights_loaded_after():
         root.removeFilter(keep)
 
 
+def _hub_source(model_name: str | None, pretrained: str | None) -> str | None:
+    """The ``hf-hub:org/name`` id when the model comes from the Hub (as ``model_name`` or ``pretrained``);
+    such a repository carries its architecture and weights, so nothing else may be given."""
+    if is_hub_id(pretrained):
+        return pretrained
+    if is_hub_id(model_name):
+        if pretrained is not None:
+            raise ValueError(f"pretrained={pretrained!r} with model_name={model_name!r}: an hf-hub model carries its "
+                             "own weights; leave pretrained unset")
+        return model_name
+    return None
+
+
 def load_clip(
     model_name: str, pretrained: str | None, allow_pickle: bool = False, precision: str = "fp32"
 ) -> tuple[nn.Module, object, str]:
@@ -168,7 +182,9 @@ def load_clip(
         pretrained: an open_clip tag (``openai``), a local ``.pt``/``.bin``/``.safetensors`` full CLIP
             state dict, an HF ``CLIPModel`` folder (e.g. ``openai/clip-vit-base-patch32``; pair it with
             a ``-quickgelu`` model name), ``local-dir:DIR`` (open_clip folder with
-            ``open_clip_config.json``; ``model_name`` is then ignored), or None for random weights.
+            ``open_clip_config.json``; ``model_name`` is then ignored), ``hf-hub:org/name`` (an open_clip
+            repository on the Hub, read through huggingface_hub's cache: ``HF_HOME``, ``HF_HUB_OFFLINE``,
+            ``HF_TOKEN``; also accepted as ``model_name``), or None for random weights.
         allow_pickle: accept a pickled local ``pretrained`` file.
         precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
 
@@ -180,6 +196,12 @@ def load_clip(
     if pretrained and pretrained.startswith(_LOCAL_DIR):
         clip = open_clip.create_model(pretrained, precision=precision)
         return clip.eval(), open_clip.get_tokenizer(pretrained), pretrained
+    hub = _hub_source(model_name, pretrained)
+    if hub is not None:
+        hub_open_clip_config(hub)  # config and weights come from huggingface_hub's cache (or are downloaded
+        hub_weights(hub)           # into it) here, so a failure names the id and what to do
+        clip = open_clip.create_model(hub, precision=precision)
+        return clip.eval(), open_clip.get_tokenizer(hub), hub
     model_name = model_name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 → ViT-B-32
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
@@ -212,6 +234,9 @@ def model_config_of(model_name: str, pretrained: str | None) -> tuple[str, dict]
         path = Path(pretrained[len(_LOCAL_DIR):]) / "open_clip_config.json"
         with open(path, encoding="utf-8") as f:
             return pretrained, json.load(f)["model_cfg"]
+    hub = _hub_source(model_name, pretrained)
+    if hub is not None:
+        return hub, hub_open_clip_config(hub)["model_cfg"]
     model_name = model_name.replace("/", "-")
     return model_name, open_clip.get_model_config(model_name)
 
