@@ -11,11 +11,13 @@ instead of open_clip's "unknown model" or a traceback from deep inside the downl
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from adamerge.errors import AdaMergeError
 
-__all__ = ["HF_HUB", "HubError", "hub_file", "hub_open_clip_config", "hub_weights", "is_hub_id"]
+__all__ = ["HF_HUB", "HubError", "hub_errors", "hub_file", "hub_open_clip_config", "hub_snapshot", "hub_weights",
+           "is_hub_id"]
 
 HF_HUB = "hf-hub:"
 _WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -44,9 +46,16 @@ def _repo(model_id: str) -> str:
     return repo
 
 
-def hub_file(model_id: str, filename: str) -> str:
-    """The local path of ``filename`` of the repo ``model_id``, from the cache or downloaded into it."""
-    from huggingface_hub import constants, hf_hub_download
+def _download_hint(repo: str, repo_type: str) -> str:
+    return f"hf download {repo}" + ("" if repo_type == "model" else f" --repo-type {repo_type}")
+
+
+@contextlib.contextmanager
+def hub_errors(label: str, repo: str, what: str, revision: str | None = None, repo_type: str = "model"):
+    """Turn huggingface_hub's errors raised inside the block into one :class:`HubError` that starts with
+    ``label`` (how the user named the thing), names ``what`` was wanted (a file, "the snapshot") and says
+    what to do: offline and not cached, no such repository, gated, no such revision, missing file."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
@@ -55,27 +64,53 @@ def hub_file(model_id: str, filename: str) -> str:
         RevisionNotFoundError,
     )
 
-    repo = _repo(model_id)
+    kind = "" if repo_type == "model" else f"{repo_type} "
     try:
-        return hf_hub_download(repo_id=repo, filename=filename)
+        yield
     except GatedRepoError:
-        raise HubError(f"{model_id}: the repository is gated: accept its terms at https://huggingface.co/{repo} "
-                       "and set HF_TOKEN (or `hf auth login`)") from None
+        raise HubError(f"{label}: the {kind}repository is gated: accept its terms at "
+                       f"https://huggingface.co/{'' if repo_type == 'model' else repo_type + 's/'}{repo} and set "
+                       "HF_TOKEN (or `hf auth login`)") from None
     except RepositoryNotFoundError:
-        raise HubError(f"{model_id}: no such repository on the Hub, or it is private (set HF_TOKEN or "
+        raise HubError(f"{label}: no such {kind}repository on the Hub, or it is private (set HF_TOKEN or "
                        "`hf auth login` if it is yours)") from None
     except RevisionNotFoundError:
-        raise HubError(f"{model_id}: the revision asked for does not exist") from None
+        raise HubError(f"{label}: the {kind}repository has no revision {revision or 'main'!r}") from None
     except LocalEntryNotFoundError:  # (an EntryNotFoundError too: caught first)
         where = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
-            raise HubError(f"{model_id}: {filename} is not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
-                           f"forbids downloading it: fetch it where there is network (`hf download {repo}`) "
+            raise HubError(f"{label}: {what} is not in the Hugging Face cache ({where}) and HF_HUB_OFFLINE=1 "
+                           f"forbids downloading it: fetch it where there is network (`{_download_hint(repo, repo_type)}`) "
                            "or unset HF_HUB_OFFLINE", missing=True) from None
-        raise HubError(f"{model_id}: {filename} is not in the Hugging Face cache ({where}) and the Hub could not be "
+        raise HubError(f"{label}: {what} is not in the Hugging Face cache ({where}) and the Hub could not be "
                        "reached: check the network, or fetch it elsewhere and copy the cache") from None
     except EntryNotFoundError:
-        raise HubError(f"{model_id}: the repository has no {filename}", missing=True) from None
+        raise HubError(f"{label}: the {kind}repository has no {what}", missing=True) from None
+
+
+def hub_file(model_id: str, filename: str, revision: str | None = None, repo_type: str = "model",
+             label: str | None = None) -> str:
+    """The local path of ``filename`` of the repo ``model_id`` (``hf-hub:org/name`` or ``org/name``) at
+    ``revision`` (a branch, tag or commit; None: main), from the cache or downloaded into it (with
+    huggingface_hub's progress bar)."""
+    from huggingface_hub import hf_hub_download
+
+    repo = _repo(model_id)
+    with hub_errors(label or model_id, repo, filename, revision, repo_type):
+        return hf_hub_download(repo_id=repo, filename=filename, revision=revision, repo_type=repo_type)
+
+
+def hub_snapshot(repo: str, allow_patterns: list[str] | None = None, revision: str | None = None,
+                 repo_type: str = "model", label: str | None = None) -> str:
+    """The local snapshot folder of ``repo`` at ``revision`` holding (at least) the files matching
+    ``allow_patterns``, downloaded into the cache where missing. Offline, the cached snapshot is
+    returned as it is: the caller checks the files it needs are there."""
+    from huggingface_hub import snapshot_download
+
+    repo = _repo(repo)
+    with hub_errors(label or repo, repo, "the snapshot", revision, repo_type):
+        return snapshot_download(repo_id=repo, revision=revision, repo_type=repo_type,
+                                 allow_patterns=allow_patterns)
 
 
 def hub_open_clip_config(model_id: str) -> dict:
