@@ -14,7 +14,7 @@ Use it from YAML::
       init_args:
         model_name: ViT-B-32-quickgelu   # the OpenAI weights run QuickGELU (plain ViT-B-32 is refused)
         pretrained: openai
-        experts: {mnist: ckpts/mnist.safetensors, eurosat: ckpts/eurosat/finetuned.pt}
+        experts: {mnist: ckpts/mnist.safetensors, eurosat: tanganke/clip-vit-base-patch32_eurosat}
         task_info: adamerge.data.registry.get_task   # or linked from the data by the CLI
 """
 
@@ -49,7 +49,13 @@ from adamerge.models.checkpoints import (
 from adamerge.models.export import export_merged
 from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_scale_of, text_tower_fingerprint
 from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, is_hf_state
-from adamerge.models.hub import hub_open_clip_config, hub_weights, is_hub_id
+from adamerge.models.hub import (
+    hub_open_clip_config,
+    hub_weights,
+    is_hub_id,
+    resolve_checkpoint,
+    resolve_pretrained,
+)
 from adamerge.models.pool import ModelPool
 
 __all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "model_config_of", "register_model_config",
@@ -103,6 +109,7 @@ class ExpertFile:
         allow_pickle: accept pickled files (unpickling runs code from the file).
         model_name: the configured open_clip model: an activation the file records must be its.
         model_config: that model's open_clip config (None: open_clip's config of ``model_name``).
+        label: how the expert was named (a Hub id whose files ``path`` is in the cache; None: ``path``).
     """
 
     def __init__(
@@ -112,8 +119,10 @@ class ExpertFile:
         allow_pickle: bool = False,
         model_name: str | None = None,
         model_config: Mapping[str, Any] | None = None,
+        label: str | None = None,
     ):
         self.path = Path(path)
+        self.label = label or str(path)
         self.reference = reference
         self.allow_pickle = allow_pickle
         self.model_name = model_name
@@ -126,7 +135,7 @@ class ExpertFile:
         )
 
     def __repr__(self) -> str:
-        return f"ExpertFile({str(self.path)!r})"
+        return f"ExpertFile({self.label!r})"
 
 
 def register_model_config(path: str | os.PathLike) -> str:
@@ -161,7 +170,10 @@ def _weights_loaded_after():
 
 def _hub_source(model_name: str | None, pretrained: str | None) -> str | None:
     """The ``hf-hub:org/name`` id when the model comes from the Hub (as ``model_name`` or ``pretrained``);
-    such a repository carries its architecture and weights, so nothing else may be given."""
+    such a repository carries its architecture and weights, so nothing else may be given (but a
+    ``local-dir:`` pretrained, which wins over any model name)."""
+    if isinstance(pretrained, str) and pretrained.startswith(_LOCAL_DIR):
+        return None
     if is_hub_id(pretrained):
         return pretrained
     if is_hub_id(model_name):
@@ -180,11 +192,14 @@ def load_clip(
     Args:
         model_name: open_clip architecture name (``ViT-B-32``) or a registered custom config.
         pretrained: an open_clip tag (``openai``), a local ``.pt``/``.bin``/``.safetensors`` full CLIP
-            state dict, an HF ``CLIPModel`` folder (e.g. ``openai/clip-vit-base-patch32``; pair it with
-            a ``-quickgelu`` model name), ``local-dir:DIR`` (open_clip folder with
-            ``open_clip_config.json``; ``model_name`` is then ignored), ``hf-hub:org/name`` (an open_clip
-            repository on the Hub, read through huggingface_hub's cache: ``HF_HOME``, ``HF_HUB_OFFLINE``,
-            ``HF_TOKEN``; also accepted as ``model_name``), or None for random weights.
+            state dict, an HF ``CLIPModel`` folder or Hub repo id (``openai/clip-vit-base-patch32``, or
+            ``…@rev`` for a branch, tag or commit; pair it with a ``-quickgelu`` model name),
+            ``local-dir:DIR`` (open_clip folder with ``open_clip_config.json``; ``model_name`` is then
+            ignored, as for an open_clip repository's id), ``hf-hub:org/name[@rev]`` (an open_clip
+            repository; also accepted as ``model_name``), or None for random weights. Repositories are
+            read through huggingface_hub's cache (``HF_HOME``, ``HF_HUB_OFFLINE``, ``HF_TOKEN``):
+            :func:`adamerge.models.hub.resolve_pretrained`. An open_clip tag has no ``/``; a string
+            with one that is no existing path and no checkpoint file name is a repo id.
         allow_pickle: accept a pickled local ``pretrained`` file.
         precision: open_clip precision (``fp32``, ``fp16``, ``bf16``, ``pure_fp16``, ``pure_bf16``).
 
@@ -193,15 +208,16 @@ def load_clip(
             (e.g. ``openai`` weights with ``ViT-B-32`` instead of ``ViT-B-32-quickgelu``); a tag is
             checked before anything is downloaded.
     """
-    if pretrained and pretrained.startswith(_LOCAL_DIR):
-        clip = open_clip.create_model(pretrained, precision=precision)
-        return clip.eval(), open_clip.get_tokenizer(pretrained), pretrained
     hub = _hub_source(model_name, pretrained)
-    if hub is not None:
+    if hub is not None and "@" not in hub:
         hub_open_clip_config(hub)  # config and weights come from huggingface_hub's cache (or are downloaded
         hub_weights(hub)           # into it) here, so a failure names the id and what to do
         clip = open_clip.create_model(hub, precision=precision)
         return clip.eval(), open_clip.get_tokenizer(hub), hub
+    named, pretrained = hub or pretrained, resolve_pretrained(hub or pretrained)  # a repo id → its local files
+    if pretrained and pretrained.startswith(_LOCAL_DIR):
+        clip = open_clip.create_model(pretrained, precision=precision)
+        return clip.eval(), open_clip.get_tokenizer(pretrained), named
     model_name = model_name.replace("/", "-")  # open_clip's own spelling: ViT-B/32 → ViT-B-32
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
@@ -212,31 +228,37 @@ def load_clip(
         clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
         state, found = read_checkpoint(pretrained, allow_pickle=allow_pickle)
-        check_activation(model_name, None, found)
+        try:
+            check_activation(model_name, None, found)
+        except ActivationMismatchError as e:
+            raise ActivationMismatchError(f"pretrained {named!r}: {e}" if named != pretrained else str(e)) from None
         if is_hf_state(state):
             try:
-                state = convert_hf_clip_state(state, source=str(pretrained))
+                state = convert_hf_clip_state(state, source=str(named))
             except HFConversionError as e:
                 raise CheckpointError(str(e)) from None
         try:
-            check_compatible(clip.state_dict(), state, name=f"pretrained {pretrained} (a full {model_name} CLIP)")
-            check_finite(state, name=f"pretrained {pretrained}")
+            check_compatible(clip.state_dict(), state, name=f"pretrained {named} (a full {model_name} CLIP)")
+            check_finite(state, name=f"pretrained {named}")
         except MergeError as e:
             raise CheckpointError(str(e)) from None
         clip.load_state_dict(state, strict=True)
-    return clip.eval(), open_clip.get_tokenizer(model_name), f"{model_name}:{pretrained}"
+    return clip.eval(), open_clip.get_tokenizer(model_name), f"{model_name}:{named}"
 
 
 def model_config_of(model_name: str, pretrained: str | None) -> tuple[str, dict]:
     """(open_clip model name, its model config) that :func:`load_clip` builds: for ``local-dir:DIR`` the
-    folder's ``open_clip_config.json`` ``model_cfg`` under the name ``local-dir:DIR``."""
-    if pretrained and pretrained.startswith(_LOCAL_DIR):
-        path = Path(pretrained[len(_LOCAL_DIR):]) / "open_clip_config.json"
-        with open(path, encoding="utf-8") as f:
-            return pretrained, json.load(f)["model_cfg"]
+    folder's ``open_clip_config.json`` ``model_cfg`` under the name ``local-dir:DIR``; for an open_clip
+    repository the repo's, under its ``hf-hub:`` id (``org/name@rev`` → ``hf-hub:org/name@rev``)."""
     hub = _hub_source(model_name, pretrained)
     if hub is not None:
         return hub, hub_open_clip_config(hub)["model_cfg"]
+    source = resolve_pretrained(pretrained)
+    if source and source.startswith(_LOCAL_DIR):
+        path = Path(source[len(_LOCAL_DIR):]) / "open_clip_config.json"
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)["model_cfg"]
+        return (pretrained if source == pretrained else "hf-hub:" + pretrained), cfg
     model_name = model_name.replace("/", "-")
     return model_name, open_clip.get_model_config(model_name)
 
@@ -247,11 +269,14 @@ class OpenCLIPPool(ModelPool):
     Args:
         model_name: open_clip architecture (``ViT-B-32``, ``ViT-L-14``, or the name of ``model_config``).
         pretrained: open_clip tag (``openai``, ``laion2b_s34b_b79k``), a local full-CLIP
-            ``.pt``/``.bin``/``.safetensors`` file, an HF CLIPModel folder (FusionBench's
-            ``openai/clip-vit-base-patch32``), ``local-dir:DIR``, or None for random weights.
+            ``.pt``/``.bin``/``.safetensors`` file, an HF CLIPModel folder or Hub id (FusionBench's
+            ``openai/clip-vit-base-patch32``, ``@rev`` for a branch, tag or commit), an open_clip
+            repository id, ``local-dir:DIR``, ``hf-hub:org/name[@rev]``, or None for random weights.
         experts: task name → expert checkpoint: ``.safetensors``, ``.pt`` (read with
-            ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), or an
-            HF CLIPVisionModel / CLIPModel folder. Every task must be known to ``task_info``. Where
+            ``weights_only=True``), a pickled task_vectors ImageEncoder (needs ``allow_pickle``), an
+            HF CLIPVisionModel / CLIPModel folder, or a Hub repo id of one (``tanganke/
+            clip-vit-base-patch32_mnist[@rev]``; only its weights are fetched, into the Hugging Face cache:
+            :func:`adamerge.models.hub.resolve_checkpoint`). Every task must be known to ``task_info``. Where
             ``pretrained`` or an expert records its activation (a tag, HF ``hidden_act``, pickled
             QuickGELU modules, adamerge export metadata), it must be ``model_name``'s: OpenAI-derived
             weights need ``ViT-B-32-quickgelu`` (:mod:`adamerge.models.activation`).
@@ -285,8 +310,9 @@ class OpenCLIPPool(ModelPool):
             model_name = model_name or registered
         lookup = task_lookup(task_info)
         tasks = self._select_tasks(experts, tasks, lookup)
+        paths = {t: resolve_checkpoint(experts[t], label=f"expert for task {t!r}: {experts[t]}") for t in tasks}
         for t in tasks:
-            if not Path(experts[t]).exists():
+            if not Path(paths[t]).exists():
                 raise CheckpointError(f"expert for task {t!r}: checkpoint not found: {experts[t]}")
         clip, tokenizer, identity = load_clip(model_name, pretrained, allow_pickle, precision)
         self.clip = clip
@@ -294,11 +320,11 @@ class OpenCLIPPool(ModelPool):
         self.model_id = text_tower_fingerprint(clip)
         self.identity = identity
         self.model_name, self.model_config = model_config_of(model_name, pretrained)
-        self._check_activations({t: experts[t] for t in tasks})
+        self._check_activations({t: paths[t] for t in tasks}, experts)
         heads = self._build_heads(tasks, lookup, cache_dir, device)
         reference = {k: v.detach() for k, v in clip.visual.state_dict().items()}
-        sources = {t: ExpertFile(experts[t], reference, allow_pickle, self.model_name, self.model_config)
-                   for t in tasks}
+        sources = {t: ExpertFile(paths[t], reference, allow_pickle, self.model_name, self.model_config,
+                                 label=str(experts[t])) for t in tasks}
         super().__init__(clip.visual, sources, heads, logit_scale=logit_scale_of(clip), name=model_name)
 
     @staticmethod
@@ -339,14 +365,15 @@ class OpenCLIPPool(ModelPool):
                 self.clip.to("cpu")
         return heads
 
-    def _check_activations(self, experts: Mapping[str, str]) -> None:
+    def _check_activations(self, paths: Mapping[str, str], named: Mapping[str, str]) -> None:
         """Refuse, before any head is built, experts whose config or metadata records another activation
         (pickled experts tell theirs only when unpickled: :class:`ExpertFile` checks on every load)."""
-        for task, path in experts.items():
+        for task, path in paths.items():
             try:
                 check_activation(self.model_name, self.model_config, activation_of(path))
             except ActivationMismatchError as e:
-                raise ActivationMismatchError(f"expert for task {task!r}: {e}") from None
+                by_id = f" {named[task]!r}" if str(named[task]) != str(path) else ""
+                raise ActivationMismatchError(f"expert for task {task!r}{by_id}: {e}") from None
 
     def export(self, visual_state: Mapping[str, Tensor], path: str | os.PathLike) -> Path:
         """Write the full CLIP (pretrained text tower + ``visual_state``) as safetensors, atomically, its
