@@ -33,7 +33,7 @@ from torchvision.datasets import ImageFolder
 from adamerge.data.registry import check_tasks, get_task
 from adamerge.data.source import check_split
 
-__all__ = ["ImageFolderSource", "open_clip_preprocess"]
+__all__ = ["ImageFolderSource", "class_by_name", "open_clip_preprocess"]
 
 
 def open_clip_preprocess(model_name: str) -> Callable:
@@ -68,10 +68,11 @@ def _words(name: str) -> frozenset[str]:
     return frozenset(re.findall(r"[a-z0-9]+", name.lower()))
 
 
-def _by_name(folder: str, classnames: Sequence[str]) -> int | None:
-    """The registry class a folder names: the one with the same words, else the only one whose words
-    include the folder's (FER2013's ``happy`` in ``['happy', 'smiling']``); None if none or several."""
-    words = _words(folder)
+def class_by_name(name: str, classnames: Sequence[str]) -> int | None:
+    """The index of the class in ``classnames`` that ``name`` (a folder name, a dataset's class name)
+    names: the one with the same words, else the only one whose words include the name's (FER2013's
+    ``happy`` in ``['happy', 'smiling']``); None if none or several."""
+    words = _words(name)
     if not words:
         return None
     same = [i for i, c in enumerate(classnames) if _words(c) == words]
@@ -83,7 +84,7 @@ def _by_name(folder: str, classnames: Sequence[str]) -> int | None:
 
 def _label_map(folders: Sequence[str], classnames: Sequence[str], where: Path) -> dict[str, int]:
     """Folder name → registry label (see the module docstring for the rules)."""
-    named = {f: _by_name(f, classnames) for f in folders}
+    named = {f: class_by_name(f, classnames) for f in folders}
     if None not in named.values() and len(set(named.values())) == len(folders):
         return {f: int(i) for f, i in named.items()}
     if all(f.isdigit() for f in folders):
