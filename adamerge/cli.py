@@ -1,4 +1,5 @@
-"""Command line: ``python train.py {fit,validate,test,methods} --config configs/....yaml`` (or ``adamerge ...``).
+"""Command line: ``python train.py {fit,validate,test,methods} --config configs/....yaml`` (or ``adamerge ...``;
+``adamerge reproduce`` is :mod:`adamerge.reproduce`, dispatched by :mod:`adamerge.console`).
 
 A :class:`lightning.pytorch.cli.LightningCLI` over the test-time systems (``model: class_path:
 AdaMerging`` — every module of :mod:`adamerge.systems`, the pools and the data sources are imported
@@ -36,7 +37,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
@@ -50,14 +51,15 @@ from adamerge.short_names import check_short_names
 from adamerge.systems.runs import ConfigError, RunExistsError
 from adamerge.wandb_story import WandbStory
 
-__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "learnable_methods",
+__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "guarded", "learnable_methods",
            "main", "methods_text", "static_methods"]
 
 PARSER_MODE = "adamerge_yaml"
 SUBCOMMANDS = ("fit", "validate", "test")
 # Imported before the parser is built: every module of these packages, and these modules (pools, sources).
 PLUGIN_PACKAGES = ("adamerge.systems",)
-PLUGIN_MODULES = ("adamerge.data.mini", "adamerge.data.imagefolder", "adamerge.models.open_clip_pool")
+PLUGIN_MODULES = ("adamerge.data.mini", "adamerge.data.imagefolder", "adamerge.data.hub_datasets", "adamerge.data.source",
+                  "adamerge.models.open_clip_pool")
 
 
 class DuplicateKeyError(ValueError):
@@ -381,13 +383,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (AdaMergeError, CheckpointMismatchError, RunExistsError, DuplicateKeyError, ConfigError, FileNotFoundError)
 
 
-def entry(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``train.py`` and the ``adamerge`` console script: configuration and file errors
-    end in one line on stderr and exit status 2 (set ``ADAMERGE_TRACEBACK=1`` for the traceback)."""
+def guarded(run: Callable[[list[str]], object], args: Sequence[str]) -> None:
+    """``run(args)`` with configuration and file errors ending in one line on stderr and exit status 2
+    (set ``ADAMERGE_TRACEBACK=1`` for the traceback)."""
     try:
-        main(args)
+        run(list(args))
     except _user_errors() as e:
         if os.environ.get("ADAMERGE_TRACEBACK"):
             raise
         print(f"adamerge: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def entry(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``train.py``: :func:`main` under :func:`guarded`."""
+    guarded(main, sys.argv[1:] if args is None else args)

@@ -27,15 +27,16 @@ from pathlib import Path
 
 from adamerge.errors import AdaMergeError
 
-__all__ = ["HF_HUB", "HubError", "hub_errors", "hub_file", "hub_open_clip_config", "hub_open_clip_dir", "hub_snapshot",
-           "hub_weights", "is_hub_id", "is_repo_id", "parse_ref", "resolve_checkpoint", "resolve_pretrained"]
+__all__ = ["HF_HUB", "HF_WEIGHTS", "OPEN_CLIP_WEIGHTS", "HubError", "hub_errors", "hub_file", "hub_open_clip_config",
+           "hub_open_clip_dir", "hub_snapshot", "hub_weights", "is_hub_id", "is_repo_id", "parse_ref",
+           "resolve_checkpoint", "resolve_pretrained"]
 
 HF_HUB = "hf-hub:"
 _LOCAL_DIR = "local-dir:"
-_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # transformers' order: an index (sharded weights) before the single file, safetensors before pickles
-_HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-               "pytorch_model.bin")
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+              "pytorch_model.bin")
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # the Hub's rule for <org> and <name>: letters, digits, '-', '_', '.'; not starting or ending with '-' or '.'
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
@@ -214,7 +215,7 @@ def hub_weights(model_id: str, label: str | None = None) -> str:
     """The local path of the repo's open_clip weights (safetensors first, as open_clip looks for them)."""
     label = label or model_id
     last: HubError | None = None
-    for name in _WEIGHTS:
+    for name in OPEN_CLIP_WEIGHTS:
         try:
             return hub_file(model_id, name, label=label)
         except HubError as e:
@@ -222,7 +223,7 @@ def hub_weights(model_id: str, label: str | None = None) -> str:
                 raise
             last = e
     assert last is not None
-    raise HubError(f"{label}: no open_clip weights ({' or '.join(_WEIGHTS)}): {last}") from None
+    raise HubError(f"{label}: no open_clip weights ({' or '.join(OPEN_CLIP_WEIGHTS)}): {last}") from None
 
 
 def hub_open_clip_dir(model_id: str, label: str | None = None) -> str:
@@ -265,7 +266,7 @@ def _holds(repo: str, revision: str | None, what: str) -> str:
 
 def _fetch_hf_weights(repo: str, revision: str | None, label: str) -> None:
     """Fetch the first weights in transformers' order (and every shard an index lists), only those."""
-    for name in _HF_WEIGHTS:
+    for name in HF_WEIGHTS:
         path = _optional(repo, name, revision, label)
         if path is None:
             continue
@@ -273,7 +274,7 @@ def _fetch_hf_weights(repo: str, revision: str | None, label: str) -> None:
             for shard in _shards(path, label):
                 hub_file(repo, shard, revision, label=label)
         return
-    found = f"config.json but none of {', '.join(_HF_WEIGHTS)}"
+    found = f"config.json but none of {', '.join(HF_WEIGHTS)}"
     raise HubError(f"{label}: no weights: {_holds(repo, revision, found)}; name a repository or file with the weights")
 
 

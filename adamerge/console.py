@@ -1,0 +1,23 @@
+"""The ``adamerge`` console script: ``adamerge reproduce ...`` (:mod:`adamerge.reproduce`, the papers'
+tables from Hub ids) or a LightningCLI run, ``adamerge {fit,validate,test,methods} ...``
+(:mod:`adamerge.cli`); either way a configuration or file error ends in one line and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from adamerge.cli import guarded
+from adamerge.cli import main as cli_main
+
+__all__ = ["entry"]
+
+
+def entry(args: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["reproduce"]:
+        from adamerge.reproduce import main as reproduce
+
+        guarded(reproduce, argv[1:])
+    else:
+        guarded(cli_main, argv)
