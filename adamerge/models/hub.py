@@ -153,7 +153,8 @@ def hub_errors(label: str, repo: str, what: str, revision: str | None = None, re
         raise HubError(f"{label}: no such {kind}repository on the Hub, or it is private (set HF_TOKEN or "
                        "`hf auth login` if it is yours)", no_repo=True) from None
     except RevisionNotFoundError:
-        raise HubError(f"{label}: the {kind}repository has no revision {revision or 'main'!r}") from None
+        raise HubError(f"{label}: the {kind}repository has no revision {revision or 'main'!r}: name one of its "
+                       "branches, tags or commits") from None
     except LocalEntryNotFoundError:  # (an EntryNotFoundError too: caught first)
         where = constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
@@ -200,7 +201,14 @@ def hub_open_clip_config(model_id: str, label: str | None = None) -> dict:
     """The repo's ``open_clip_config.json`` (``model_cfg`` is required); errors start with ``label``
     (default: the id)."""
     label = label or model_id
-    path = hub_file(model_id, "open_clip_config.json", label=label)
+    try:
+        path = hub_file(model_id, "open_clip_config.json", label=label)
+    except HubError as e:
+        if not e.missing or "HF_HUB_OFFLINE" in str(e):
+            raise
+        raise HubError(f"{e}: not an open_clip repository (an HF CLIPModel repository such as "
+                       "openai/clip-vit-base-patch32 goes by its id alone, without hf-hub:, as pretrained)",
+                       missing=True) from None
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -31,7 +31,7 @@ def repo_listing(repo: str, revision: str | None, repo_type: str) -> tuple[dict[
     """(file → size, the files already cached, where the listing came from) of a repository."""
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
 
-    from adamerge.models.hub import HubError, hub_snapshot
+    from adamerge.models.hub import HubError, hub_errors, hub_snapshot
 
     if constants.HF_HUB_OFFLINE:
         try:
@@ -40,7 +40,8 @@ def repo_listing(repo: str, revision: str | None, repo_type: str) -> tuple[dict[
             return {}, set(), "not in the cache (HF_HUB_OFFLINE=1: the run would stop here)"
         files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
         return files, set(files), "cache"
-    info = HfApi().repo_info(repo, revision=revision, repo_type=repo_type, files_metadata=True)
+    with hub_errors(repo, repo, "the file listing", revision, repo_type):
+        info = HfApi().repo_info(repo, revision=revision, repo_type=repo_type, files_metadata=True)
     files = {s.rfilename: s.size for s in info.siblings or []}
     cached = {f for f in files
               if isinstance(try_to_load_from_cache(repo, f, revision=revision, repo_type=repo_type), str)}
