@@ -132,3 +132,39 @@ def test_gated_unknown_and_missing_repositories_files_and_revisions_name_the_id_
     assert out["dataset"].startswith("task 'mnist': dataset adamerge-test/gated: the dataset repository is gated: "
                                      "accept its terms at https://huggingface.co/datasets/adamerge-test/gated")
     assert not any(Path(tmp_path, "hub").glob("*/blobs/*"))  # nothing half-downloaded
+
+
+def test_an_open_clip_tag_goes_through_the_hugging_face_cache(tmp_path):
+    """open_clip's tags (``openai``) live in Hub repos (``timm/vit_base_patch32_clip_224.openai``): offline and
+    not cached the error names the tag, the repository and what to do; a cached tag loads from the cache."""
+    import open_clip
+    import torch
+    from hubcache import TINY_CFG, cache_repo, run_offline
+    from safetensors.torch import save
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(tmp_path / "tiny.json")
+    torch.manual_seed(3)
+    clip = open_clip.create_model("tiny")
+    weights = save({k: v.contiguous() for k, v in clip.state_dict().items()})
+    cache_repo(tmp_path / "hub", "adamerge-test/tiny-tag", {"open_clip_model.safetensors": weights})
+    out = run_offline(tmp_path, f"""
+        import open_clip, torch
+        from adamerge.models.hub import HubError
+        from adamerge.models.open_clip_pool import load_clip
+
+        try:
+            load_clip("ViT-B-32-quickgelu", "openai")
+        except HubError as e:
+            out["missing"] = str(e)
+        open_clip.add_model_config({str(tmp_path / "tiny.json")!r})
+        open_clip.pretrained._PRETRAINED["tiny"] = {{"testtag": open_clip.pretrained._pcfg(
+            hf_hub="adamerge-test/tiny-tag/", quick_gelu=True)}}
+        clip, _, identity = load_clip("tiny", "testtag")
+        out["sum"] = sum(float(v.double().sum()) for v in clip.state_dict().values() if v.is_floating_point())
+    """)
+    assert out["missing"].startswith("ViT-B-32-quickgelu pretrained='openai' (open_clip keeps it at "
+                                     "hf-hub:timm/vit_base_patch32_clip_224.openai): ")
+    assert "HF_HUB_OFFLINE=1" in out["missing"] and "`hf download timm/vit_base_patch32_clip_224.openai`" in out["missing"]
+    want = sum(float(v.double().sum()) for v in clip.state_dict().values() if v.is_floating_point())
+    assert out["sum"] == pytest.approx(want, rel=1e-9)

@@ -28,7 +28,7 @@ from pathlib import Path
 from adamerge.errors import AdaMergeError
 
 __all__ = ["HF_HUB", "HF_WEIGHTS", "OPEN_CLIP_WEIGHTS", "HubError", "hub_errors", "hub_file", "hub_open_clip_config",
-           "hub_open_clip_dir", "hub_snapshot", "hub_weights", "is_hub_id", "is_repo_id", "parse_ref",
+           "hub_open_clip_dir", "hub_snapshot", "hub_tag_weights", "hub_weights", "is_hub_id", "is_repo_id", "parse_ref",
            "resolve_checkpoint", "resolve_pretrained"]
 
 HF_HUB = "hf-hub:"
@@ -232,6 +232,33 @@ def hub_weights(model_id: str, label: str | None = None) -> str:
             last = e
     assert last is not None
     raise HubError(f"{label}: no open_clip weights ({' or '.join(OPEN_CLIP_WEIGHTS)}): {last}") from None
+
+
+def hub_tag_weights(model_name: str, tag: str) -> str | None:
+    """The local path of the weights of open_clip's pretrained ``tag`` for ``model_name``, fetched here
+    through the Hugging Face cache when open_clip keeps them on the Hub (its ``hf_hub`` entry), in the
+    order open_clip looks for them (a safetensors file before the pickle), so open_clip then finds them
+    cached and a failure is one :class:`HubError` naming the tag and the repository. None when open_clip
+    does not know the tag or keeps it elsewhere (a URL): open_clip then reports or downloads it itself."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if not cfg.get("hf_hub") or cfg.get("file"):
+        return None
+    repo, filename = os.path.split(cfg["hf_hub"])  # open_clip's rule: 'org/name/' → its default file names
+    alternatives = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda name: [])
+    names = [*alternatives(filename), filename] if filename else list(OPEN_CLIP_WEIGHTS)
+    label = f"{model_name} pretrained={tag!r} (open_clip keeps it at hf-hub:{repo})"
+    last: HubError | None = None
+    for name in names:
+        try:
+            return hub_file(HF_HUB + repo, name, label=label)
+        except HubError as e:
+            if not e.missing:
+                raise
+            last = e
+    assert last is not None
+    raise last
 
 
 def hub_open_clip_dir(model_id: str, label: str | None = None) -> str:

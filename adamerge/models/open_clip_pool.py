@@ -51,6 +51,7 @@ from adamerge.models.heads import ZeroShotTask, cached_zero_shot_head, logit_sca
 from adamerge.models.hf_clip import HFConversionError, convert_hf_clip_state, is_hf_state
 from adamerge.models.hub import (
     hub_open_clip_config,
+    hub_tag_weights,
     hub_weights,
     is_hub_id,
     resolve_checkpoint,
@@ -224,6 +225,7 @@ def load_clip(
     local = is_path(pretrained)
     if pretrained and not local:
         check_activation(model_name, None, activation_of_tag(model_name, pretrained))
+        hub_tag_weights(model_name, pretrained)  # through the Hugging Face cache, with our errors
     with _weights_loaded_after() if local else contextlib.nullcontext():
         clip = open_clip.create_model(model_name, pretrained=None if local else pretrained, precision=precision)
     if local:
