@@ -72,3 +72,34 @@ def test_the_label_of_a_base_merge_is_its_methods_or_its_exports(tmp_path):
     assert base_merge_label(str(tmp_path / "run" / "export" / "merged.safetensors")) == "AdaMerging++"
     (tmp_path / "loose.safetensors").write_bytes(b"x")  # no manifest beside it: the file's stem
     assert base_merge_label(tmp_path / "loose.safetensors") == "loose"
+
+
+def test_from_a_hub_id_read_through_the_offline_cache(tmp_path):
+    """A merged state published on the Hub (``org/name[@rev]``) is a base merge too; its label is the repo's
+    name, and an id that is neither cached nor a local path says both."""
+    from hubcache import cache_repo, run_offline
+    from safetensors.torch import save
+
+    pool = make_tiny_pool()
+    state = _ta_state(pool)
+    cache_repo(tmp_path / "hub", "adamerge-test/ta-merge",
+               {"merged.safetensors": save({k: v.contiguous() for k, v in state.items()})})
+    torch.save(state, tmp_path / "want.pt")
+    out = run_offline(tmp_path, f"""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from conftest import make_tiny_pool
+        from adamerge.models.hub import HubError
+        from adamerge.systems.base_merge import base_merge_label, base_merge_state
+
+        got = base_merge_state(make_tiny_pool(), "adamerge-test/ta-merge")
+        want = torch.load({str(tmp_path / "want.pt")!r})
+        out["equal"] = got.keys() == want.keys() and all(torch.allclose(got[k], want[k]) for k in want)
+        out["label"] = base_merge_label("adamerge-test/ta-merge@main")
+        try:
+            base_merge_state(make_tiny_pool(), "adamerge-test/elsewhere")
+        except HubError as e:
+            out["missing"] = str(e)
+    """)
+    assert out["equal"] and out["label"] == "ta-merge"
+    assert out["missing"].startswith("base_merge: adamerge-test/elsewhere: ") and "HF_HUB_OFFLINE=1" in out["missing"]

@@ -7,11 +7,14 @@ A ``base_merge`` is one of
   passed to :func:`adamerge.merging.merge_pool`;
 * a path to a merged image-encoder state dict (any format
   :func:`adamerge.models.checkpoints.load_visual_state` reads: an AdaMerging export's
-  ``merged.safetensors``, a tensors-only ``.pt``, a full-CLIP export).
+  ``merged.safetensors``, a tensors-only ``.pt``, a full-CLIP export);
+* the Hugging Face id of a repository holding one (``org/name[@revision]``, read through the Hugging
+  Face cache: :func:`adamerge.models.hub.resolve_checkpoint`).
 
 A string is a path when it names an existing file or folder, contains a path separator, or ends in
-a checkpoint suffix (:func:`adamerge.models.checkpoints.is_path`, re-exported here); otherwise it is
-a method name.
+a checkpoint suffix (:func:`adamerge.models.checkpoints.is_path`, re-exported here), and a Hub id when
+it is none of those but reads ``org/name`` (:func:`adamerge.models.hub.is_repo_id`); otherwise it is a
+method name.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from adamerge.files import read_manifest
 from adamerge.merging import merge_pool
 from adamerge.merging.registry import LABELS
 from adamerge.models.checkpoints import CheckpointError, is_path, load_visual_state
+from adamerge.models.hub import is_repo_id, parse_ref, resolve_checkpoint
 from adamerge.models.pool import ModelPool
 
 __all__ = ["BaseMerge", "base_merge_label", "base_merge_state", "is_path"]
@@ -46,6 +50,8 @@ def base_merge_state(
         tasks: the tasks whose experts are merged (default: every task of the pool).
         option: how errors call the option.
     """
+    if isinstance(base_merge, str) and is_repo_id(base_merge):
+        base_merge = resolve_checkpoint(base_merge, label=f"{option}: {base_merge}")
     if is_path(base_merge):
         try:
             return load_visual_state(base_merge, reference=pool.pretrained_state(),  # activation checked too
@@ -68,7 +74,10 @@ def base_merge_state(
 
 def base_merge_label(base_merge: BaseMerge | os.PathLike) -> str:
     """The short row name of a base merge: the method's registered label (``TA``, ``TIES``), or for a
-    file the ``method`` its export's ``manifest.json`` records (``AdaMerging``), else the file's stem."""
+    file the ``method`` its export's ``manifest.json`` records (``AdaMerging``), else the file's stem; for a
+    Hub id, the repository's name."""
+    if isinstance(base_merge, str) and is_repo_id(base_merge):
+        return parse_ref(base_merge)[0].split("/", 1)[1]
     if is_path(base_merge):
         path = Path(base_merge)
         try:
