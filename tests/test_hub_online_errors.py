@@ -34,8 +34,12 @@ LISTED_FILES = {"config.json": 500, "model.safetensors": 350_000_000, "pytorch_m
                 "data/train-00000-of-00001.parquet": 900_000_000}
 
 
+SEEN_TOKENS: list[str] = []  # the Authorization headers the server was sent
+
+
 class _Hub(http.server.BaseHTTPRequestHandler):
     def _answer(self) -> None:
+        SEEN_TOKENS.append(self.headers.get("Authorization", ""))
         if self.path.startswith((f"/api/models/{LISTED}", f"/api/datasets/{LISTED}")):
             siblings = [{"rfilename": f, "size": n} for f, n in LISTED_FILES.items()]
             body = json.dumps({"id": LISTED, "sha": "1" * 40, "siblings": siblings}).encode()
@@ -116,7 +120,9 @@ def test_gated_unknown_and_missing_repositories_files_and_revisions_name_the_id_
                                                       label="task 'mnist': dataset adamerge-test/gated"))
     """)
     script = "import json\nout = {}\n" + body + "\nprint('RESULT' + json.dumps(out))\n"
-    r = subprocess.run([sys.executable, "-c", script], env=_online_env(endpoint, tmp_path), cwd=ROOT, capture_output=True, text=True,
+    SEEN_TOKENS.clear()
+    env = {**_online_env(endpoint, tmp_path), "HF_TOKEN": "hf_adamergetesttoken"}  # a token from the environment
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
                        timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-4000:]
     out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
@@ -132,6 +138,7 @@ def test_gated_unknown_and_missing_repositories_files_and_revisions_name_the_id_
     assert out["dataset"].startswith("task 'mnist': dataset adamerge-test/gated: the dataset repository is gated: "
                                      "accept its terms at https://huggingface.co/datasets/adamerge-test/gated")
     assert not any(Path(tmp_path, "hub").glob("*/blobs/*"))  # nothing half-downloaded
+    assert SEEN_TOKENS and set(SEEN_TOKENS) == {"Bearer hf_adamergetesttoken"}  # sent with every request
 
 
 def test_an_open_clip_tag_goes_through_the_hugging_face_cache(tmp_path):
