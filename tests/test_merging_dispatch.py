@@ -46,7 +46,10 @@ def test_each_method_by_name_matches_direct_call(pool):
     for e in experts:
         merger.add(e)
     _same(merge_pool(pool, "opcm", alpha=0.6), merger.merged_state(), atol=1e-5)
-    assert set(METHODS) == {"weight_average", "task_arithmetic", "ties", "pcb", "opcm", "optmerge"}
+    # every registered method is checked by name: these six here, the others in their own test files
+    # (test_merging_{tsv,iso,cart,wudi,dare_merges,consensus}.py::…merge_pool…)
+    assert set(METHODS) == {"weight_average", "task_arithmetic", "ties", "pcb", "opcm", "optmerge", "tsv_m", "iso_c",
+                            "iso_cts", "cart", "wudi", "dare_ta", "dare_ties", "consensus_ta", "consensus_ties"}
 
 
 def test_task_subset_and_order(pool):

@@ -17,7 +17,7 @@ float32 on the CPU. :func:`dare_all` draws the task vectors one after another fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from torch import Tensor
 from adamerge.merging._common import check_ratio, check_taus
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, is_mergeable
 
-__all__ = ["dare", "dare_all"]
+__all__ = ["dare", "dare_all", "dare_each"]
 
 
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
@@ -60,7 +60,7 @@ def dare(
         if not is_mergeable(t):
             out[key] = t.clone()
             continue
-        keep = torch.rand(t.shape, generator=g) >= p
+        keep = (torch.rand(t.shape, generator=g) >= p).to(t.device)  # drawn on the CPU, used where τ is
         out[key] = (t.float() * keep / (1.0 - p)).to(t.dtype)
     return out
 
@@ -76,3 +76,18 @@ def dare_all(taus: Sequence[StateDict], drop: float = 0.9, seed: int = 0) -> lis
     taus = check_taus(taus)
     g = _generator(seed, None)
     return [dare(tau, drop=drop, generator=g) for tau in taus]
+
+
+def dare_each(taus: Iterable[StateDict], drop: float = 0.9, seed: int = 0) -> Iterator[dict[str, Tensor]]:
+    """:func:`dare_all` lazily: each task vector dropped as it comes (a pool's stream holds one at a time).
+
+    Yields the same task vectors as ``dare_all(list(taus), drop, seed)``.
+
+    Args:
+        taus: the task vectors (a list or a generator).
+        drop: drop rate p in [0, 1).
+        seed: seed of the shared generator.
+    """
+    g = _generator(seed, None)
+    for tau in taus:
+        yield dare(tau, drop=drop, generator=g)

@@ -162,11 +162,17 @@ def splits_fused_qkv(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict
     callers keep open_clip's layout. The wrapper keeps ``fn``'s name and docstring (registration and
     CLI help are unchanged), exposes the plain function as ``__wrapped__`` (fused behaviour, for
     comparisons) and is marked ``splits_fused_qkv = True``.
+
+    The wrapper takes one keyword of its own, ``split_qkv`` (default True): False runs ``fn`` on the
+    fused ``in_proj_weight`` as one ``[3d, d]`` matrix, as the authors' open_clip code of TSV-M,
+    Iso-C/CTS, CART and WUDI does (their ``official`` presets; docs/parity.md).
     """
 
     @functools.wraps(fn)
-    def run(pretrained: StateDict, task_vectors, *args, **kwargs) -> dict[str, Tensor]:
-        layout = QKVLayout.of(pretrained) if isinstance(pretrained, Mapping) else QKVLayout()
+    def run(pretrained: StateDict, task_vectors, *args, split_qkv: bool = True, **kwargs) -> dict[str, Tensor]:
+        if not isinstance(split_qkv, bool):
+            raise MergeError(f"split_qkv must be True or False, got {split_qkv!r}")
+        layout = QKVLayout.of(pretrained) if isinstance(pretrained, Mapping) and split_qkv else QKVLayout()
         if not layout or isinstance(task_vectors, Mapping):  # nothing to split / let fn report misuse
             return fn(pretrained, task_vectors, *args, **kwargs)
         taus = [
