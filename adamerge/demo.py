@@ -40,6 +40,15 @@ STATIC: list[tuple[str, str, str, dict[str, Any]]] = [
     ("ties", "TIES-Merging", "ties", {"keep": 0.2, "merge": "sum", "lam": 0.3}),
     ("pcb", "PCB-Merging", "pcb", {}),
     ("opcm", "OPCM (continual)", "opcm", {}),
+    # the data-free methods of #14, at their defaults (q, k, v split; α as docs/parity.md says)
+    ("dare_ta", "DARE-TA", "dare_ta", {}),
+    ("dare_ties", "DARE-TIES", "dare_ties", {}),
+    ("consensus_ta", "Consensus TA", "consensus_ta", {}),
+    ("tsv_m", "TSV-M", "tsv_m", {}),
+    ("iso_c", "Iso-C", "iso_c", {}),
+    ("iso_cts", "Iso-CTS", "iso_cts", {}),
+    ("cart", "CART", "cart", {}),
+    ("wudi", "WUDI", "wudi", {}),
 ]
 LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
