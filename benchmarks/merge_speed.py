@@ -1,6 +1,10 @@
-"""Merge time and peak memory of TIES and OPCM on ViT-sized random weights, side by side.
+"""Merge time and peak memory of the static merges on ViT-sized random weights, side by side with TIES.
 
     nice -n 10 python3 benchmarks/merge_speed.py --out results/merge_speed.json
+    python3 benchmarks/merge_speed.py --methods ties tsv_m iso_c iso_cts cart wudi dare_ties consensus_ta
+
+Every method registered in :mod:`adamerge.merging` can be named (at its defaults; ``opcm`` adds one
+expert at a time, the others get all K task vectors at once, as ``merge_pool`` gives them).
 
 θ0 is open_clip's image tower (``--model ViT-B-32``, ``pretrained=None``: random init, no download);
 the K experts are θ0 + Gaussian noise (``--noise``). Each method runs in a fresh subprocess so that
@@ -26,7 +30,9 @@ from pathlib import Path
 import torch
 from common import reset_peak_memory, status_kib
 
-METHODS = ("ties", "opcm")
+from adamerge.merging.registry import METHODS as REGISTERED
+
+METHODS = tuple(REGISTERED)
 
 
 def _pretrained(model: str) -> dict[str, torch.Tensor]:
@@ -75,6 +81,28 @@ def _run_opcm(pre, args) -> dict:
     return {"merge_s": seconds, "rss_after_each_add_gb": rss_after_add, "lambda_t": merger.lambda_t}
 
 
+class _Taus:
+    """The task vectors as merge_pool's pools hand them out (θ0 and (task, τ) pairs), all in memory."""
+
+    def __init__(self, pre, taus):
+        self.pre, self.taus = pre, taus
+
+    def pretrained_state(self):
+        return self.pre
+
+    def task_vectors(self, tasks=None):
+        yield from ((f"task{k}", t) for k, t in enumerate(self.taus))
+
+
+def _run_registered(pre, args) -> dict:
+    taus = [_noise(pre, seed=k, scale=args.noise) for k in range(args.experts)]
+    start = time.perf_counter()
+    merged = REGISTERED[args.worker](_Taus(pre, taus))
+    seconds = time.perf_counter() - start
+    assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
+    return {"merge_s": seconds}
+
+
 def worker(args) -> None:
     torch.set_num_threads(args.threads)
     pre = _pretrained(args.model)
@@ -83,7 +111,7 @@ def worker(args) -> None:
     gc.collect()
     base_kb = status_kib("VmRSS")
     reset = reset_peak_memory(torch.device("cpu"))
-    result = {"ties": _run_ties, "opcm": _run_opcm}[args.worker](pre, args)
+    result = {"ties": _run_ties, "opcm": _run_opcm}.get(args.worker, _run_registered)(pre, args)
     peak_kb = status_kib("VmHWM")
     result.update(
         method=args.worker,
@@ -104,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", type=int, default=8, help="number of random experts K")
     parser.add_argument("--noise", type=float, default=1e-3, help="std of the experts' noise around θ0")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["ties", "opcm"], choices=METHODS)
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -138,17 +166,19 @@ def _report(rows: list[dict], args) -> None:
         f"{args.model} image tower, {rows[0]['params'] / 1e6:.1f}M params ({rows[0]['model_gb']} GB fp32), "
         f"{args.experts} experts, {args.threads} thread(s)"
     )
-    print(f"{'method':8} {'merge s':>9} {'peak RSS GB':>12} {'peak over θ0 GB':>16} {'÷ model size':>13}")
+    print(f"{'method':14} {'merge s':>9} {'÷ TIES':>7} {'peak RSS GB':>12} {'peak over θ0 GB':>16} {'÷ model size':>13}")
+    ties_s = next((r["merge_s"] for r in rows if r["method"] == "ties"), None)
     for r in rows:
         over = r["peak_over_theta0_gb"]
         ratio = f"{over / r['model_gb']:.1f}x" if over is not None else "n/a"
-        print(
-            f"{r['method']:8} {r['merge_s']:9.1f} {r['peak_rss_gb']:12.2f} {over if over is not None else 'n/a':>16} {ratio:>13}"
-        )
+        vs = f"{r['merge_s'] / ties_s:.1f}x" if ties_s else "n/a"
+        print(f"{r['method']:14} {r['merge_s']:9.1f} {vs:>7} {r['peak_rss_gb']:12.2f} "
+              f"{over if over is not None else 'n/a':>16} {ratio:>13}")
     by = {r["method"]: r for r in rows}
-    summary = {}
+    summary = {f"time_{m}_over_ties": round(r["merge_s"] / by["ties"]["merge_s"], 2)
+               for m, r in by.items() if m != "ties" and "ties" in by}
     if "ties" in by and "opcm" in by:
-        summary = {
+        summary |= {
             "time_opcm_over_ties": round(by["opcm"]["merge_s"] / by["ties"]["merge_s"], 2),
             "peak_over_theta0_opcm_over_ties": (
                 round(by["opcm"]["peak_over_theta0_gb"] / by["ties"]["peak_over_theta0_gb"], 2)
