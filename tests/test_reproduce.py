@@ -114,8 +114,9 @@ def test_reproduce_runs_every_method_from_the_offline_hub_cache_and_writes_the_t
     assert r.returncode == 0, r.stderr[-4000:]
     table = json.loads((out / "results" / "results.json").read_text())
     keys = [row["method"] for row in table["rows"]]
-    assert keys == ["zero_shot", "experts", "weight_averaging", "task_arithmetic", "ties", "pcb", "adamerging_task",
-                    "adamerging_layer", "adamerging_plusplus", "surgery_ta", "wemoe", "ewemoe"]
+    assert keys == ["zero_shot", "experts", "weight_averaging", "task_arithmetic", "ties", "pcb", "consensus_ta",
+                    "tsv_m", "iso_c", "iso_cts", "cart", "wudi", "adamerging_task", "adamerging_layer",
+                    "adamerging_plusplus", "surgery_ta", "wemoe", "ewemoe"]
     rows = {row["method"]: row for row in table["rows"]}
     for task in ("eurosat", "mnist"):  # the numbers are the models' on the cached test images
         i = TASKS.index(task)
@@ -173,7 +174,7 @@ def test_the_defaults_are_fusionbench_s_checkpoints_and_data(tmp_path):
     assert (s.arch, s.pretrained) == ("ViT-B-32-quickgelu", "openai/clip-vit-base-patch32")
     assert s.experts["cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
     assert s.datasets["svhn"] == "ufldl-stanford/svhn:cropped_digits" and s.datasets["mnist"] == "ylecun/mnist"
-    assert s.tasks == TASKS and len(s.methods) == 12
+    assert s.tasks == TASKS and len(s.methods) == 18
     from adamerge.reproduce.published import reference
 
     assert reference("adamerging_layer", s.arch, 8) == (82.6, "FusionBench (same checkpoints)")
@@ -222,7 +223,8 @@ PARITY_ROWS = {"Individual experts": ("experts",), "Weight averaging": ("weight_
                "AdaMerging task-wise / ++": ("adamerging_task", None),
                "AdaMerging layer-wise / ++": ("adamerging_layer", "adamerging_plusplus"),
                "Surgery on TA / LW-AdaMerging": ("surgery_ta", None), "WEMoE": ("wemoe",),
-               "E-WEMoE (90 % pruned)": ("ewemoe",)}
+               "E-WEMoE (90 % pruned)": ("ewemoe",), "Consensus TA": ("consensus_ta",), "TSV-M": ("tsv_m",),
+               "Iso-C": ("iso_c",), "Iso-CTS": ("iso_cts",), "CART": ("cart",), "WUDI": ("wudi",)}
 
 
 def test_the_published_numbers_are_those_docs_parity_gives():
@@ -246,6 +248,7 @@ def test_the_published_numbers_are_those_docs_parity_gives():
                        ("adamerging_task", "task-wise AdaMerging"), ("adamerging_layer", "layer-wise AdaMerging"),
                        ("ewemoe", "E-WEMoE"), ("wemoe", "WEMoE")):
         assert "(B/32 × 8): " in prose and f" {label} {FUSIONBENCH[key]['B/32×8']}" in prose
-    assert "(L/14 × 8): layer-wise AdaMerging 91.0, WEMoE 93.8" in prose
+    assert "(L/14 × 8): layer-wise AdaMerging 91.0, WEMoE 93.8; TSV-M (B/32 × 8" in prose
+    assert f"TSV-M (B/32 × 8, `examples/task_singular_vector/results`) {FUSIONBENCH['tsv_m']['B/32×8']}" in prose
     assert {k: v.get("L/14×8") for k, v in FUSIONBENCH.items() if "L/14×8" in v} == {"adamerging_layer": 91.0,
                                                                                        "wemoe": 93.8}

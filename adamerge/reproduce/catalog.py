@@ -63,6 +63,7 @@ class Method:
         key: its name on the command line and its folder.
         label: its row name.
         merge: for a static merge, the :func:`adamerge.merging.merge_pool` method.
+        preset: its registered preset (the authors' run), None for its defaults.
         configs: for a test-time method, the ``configs/method`` fragments of its official run.
         overrides: command-line overrides on top of them.
     """
@@ -70,6 +71,7 @@ class Method:
     key: str
     label: str
     merge: str | None = None
+    preset: str | None = None
     configs: tuple[str, ...] = ()
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
@@ -85,6 +87,12 @@ METHODS: tuple[Method, ...] = (
     Method("task_arithmetic", "Task arithmetic (λ=0.3)", merge="task_arithmetic"),
     Method("ties", "TIES-Merging", merge="ties"),
     Method("pcb", "PCB-Merging", merge="pcb"),
+    Method("consensus_ta", "Consensus TA", merge="consensus_ta", preset="official"),
+    Method("tsv_m", "TSV-M", merge="tsv_m", preset="official"),
+    Method("iso_c", "Iso-C", merge="iso_c", preset="official"),
+    Method("iso_cts", "Iso-CTS", merge="iso_cts", preset="official"),
+    Method("cart", "CART", merge="cart", preset="official"),
+    Method("wudi", "WUDI", merge="wudi", preset="official"),
     Method("adamerging_task", "AdaMerging (task-wise)", configs=("adamerging_official.yaml",),
            overrides=("--model.init_args.model.init_args.granularity=task",)),
     Method("adamerging_layer", "AdaMerging (layer-wise)", configs=("adamerging_official.yaml",)),

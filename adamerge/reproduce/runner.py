@@ -56,7 +56,7 @@ class _Static:
             return self.accuracy(None, tasks)
         if method.key == "experts":
             return {t: self.accuracy(self._pool.expert_state(t), [t])[t] for t in tasks}
-        return self.accuracy(merge_pool(self._pool, method.merge), tasks)
+        return self.accuracy(merge_pool(self._pool, method.merge, preset=method.preset), tasks)
 
 
 def _last_checkpoint(folder: Path) -> Path | None:
