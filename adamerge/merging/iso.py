@@ -198,12 +198,7 @@ def iso_cts(
         taus: the task vectors τ_1..τ_T.
         common_space_fraction: f in [0, 1], the share of each matrix's r = min(m, n) directions
             taken from the sum of the task vectors (the authors': 0.8); f = 1 is Iso-C.
-        lam: the scale α >= 0 of the merged task vector (the authors pick it on validation; 1.0 is
-            the ViT-B/32 value, see the module docstring).
-        is_matrix: ``(key, tensor) -> bool`` choosing, among the 2-D float tensors, the ones merged
-            isotropically (the rest are averaged); default :func:`is_iso_matrix`, the authors' (every
-            one but a ``text_projection``). Keys are seen with q, k, v split (``…attn.q_proj.weight``).
-        device: where to run the SVDs (default: where the task vectors are); results come back there.
+        lam, is_matrix, device: as in :func:`iso_c`.
     """
     fraction = check_ratio(common_space_fraction, "iso_cts common_space_fraction", allow_zero=True)
 
