@@ -159,3 +159,25 @@ def test_optmerge_is_the_same_on_open_clip_and_hf_layouts(layouts, variant):
     assert _max_diff(s, fused, optmerge(s["hf_pre"], s["hf_taus"], **kwargs)) < 1e-6
     old = optmerge.__wrapped__(s["pre"], s["taus"], **kwargs)  # the old, fused behaviour
     assert _attn_change(s, fused, old) > 0.02
+
+
+def test_svd_retries_in_float64_when_lapack_does_not_converge(monkeypatch):
+    """LAPACK's float32 divide-and-conquer can fail on matrices with many repeated singular values (Iso-CTS's
+    projected task vectors on ViT-B/32-sized weights did); the shared svd then retries in float64."""
+    from adamerge.merging.fused import svd
+
+    a = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
+    real, calls = torch.linalg.svd, []
+
+    def flaky(x, full_matrices=True):
+        calls.append(x.dtype)
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = svd(a)
+    assert calls == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (12, 7) and vh.shape == (7, 7)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s, real(a.double(), full_matrices=False)[1].float())

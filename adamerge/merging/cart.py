@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
-from adamerge.merging.fused import QKVLayout
+from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
@@ -68,7 +68,7 @@ def _lowrank(centred: Tensor, rank: int) -> Tensor:
     """Top-``rank`` SVD reconstruction of every matrix of a [K, m, n] stack."""
     if rank == 0:
         return torch.zeros_like(centred)
-    u, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    u, s, vh = svd(centred)
     return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
 
 

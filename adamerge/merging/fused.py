@@ -44,7 +44,7 @@ from torch import Tensor
 
 from adamerge.merging.task_vectors import MergeError, StateDict, is_mergeable
 
-__all__ = ["PARTS", "QKVLayout", "split_qkv", "splits_fused_qkv"]
+__all__ = ["PARTS", "QKVLayout", "split_qkv", "splits_fused_qkv", "svd"]
 
 PARTS = ("q", "k", "v")
 _FUSED = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
@@ -183,3 +183,16 @@ def splits_fused_qkv(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict
 
     run.splits_fused_qkv = True  # type: ignore[attr-defined]
     return run
+
+
+def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``U, S, Vᴴ`` of ``a`` that every per-matrix method takes: ``torch.linalg.svd(a,
+    full_matrices=False)``, retried in float64 (then cast back) when LAPACK's divide-and-conquer fails
+    to converge. It does on matrices with many repeated singular values, e.g. Iso-CTS's task
+    vectors with the common subspace projected out (rank r − k, the rest exactly zero): seen on
+    ViT-B/32-sized random weights on CPU."""
+    try:
+        return torch.linalg.svd(a, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
-from adamerge.merging.fused import splits_fused_qkv
+from adamerge.merging.fused import splits_fused_qkv, svd
 from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import StateDict, add_task_vector
 
@@ -68,7 +68,7 @@ def iso_c_weight(taus: Sequence[Tensor]) -> Tensor:
         taus: the T task vectors of this weight, each [m, n].
     """
     delta = _sum(taus)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    u, s, vh = svd(delta)
     return s.mean() * (u @ vh)
 
 
@@ -91,7 +91,7 @@ def iso_cts_sizes(rank: int, num_tasks: int, common_space_fraction: float = 0.8)
 
 def _polar(a: Tensor) -> Tensor:
     """The matrix with orthonormal columns (rows, when wide) nearest to ``a``: L Rᵀ of a = L D Rᵀ."""
-    left, _, right_h = torch.linalg.svd(a, full_matrices=False)
+    left, _, right_h = svd(a)
     return left @ right_h
 
 
@@ -105,12 +105,12 @@ def iso_cts_weight(taus: Sequence[Tensor], common_space_fraction: float = 0.8) -
     """
     taus = [t.float() for t in taus]
     k, s = iso_cts_sizes(min(taus[0].shape), len(taus), common_space_fraction)
-    u, sv, vh = torch.linalg.svd(_sum(taus), full_matrices=False)
+    u, sv, vh = svd(_sum(taus))
     u_k = u[:, :k]
     lefts, values, rights = [u_k], [sv[:k]], [vh[:k]]
     if s:
         for t in taus:
-            p, d, qh = torch.linalg.svd(t - u_k @ (u_k.T @ t), full_matrices=False)
+            p, d, qh = svd(t - u_k @ (u_k.T @ t))
             lefts.append(p[:, :s])
             values.append(d[:s])
             rights.append(qh[:s])

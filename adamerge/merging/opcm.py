@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_ratio, float_keys, is_linear_weight
-from adamerge.merging.fused import QKVLayout
+from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.registry import TaskVectorSource, register_method
 from adamerge.merging.task_vectors import (
     MergeError,
@@ -85,7 +85,7 @@ def opcm_project(merged_tau: Tensor, tau: Tensor, alpha: float = 0.5) -> Tensor:
     m = merged_tau.float()
     if not bool(m.any()):
         return tau.float().clone()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    u, s, vh = svd(m)
     r = split_rank(s, alpha)
     t = tau.float()
     p = u.T @ t @ vh.T  # [k, k] block of Uᵀ τ V

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus, float_keys
-from adamerge.merging.fused import splits_fused_qkv
+from adamerge.merging.fused import splits_fused_qkv, svd
 from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
@@ -108,7 +108,7 @@ def _variant(name: str) -> _Variant:
 
 def _rank_k(t: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(rank-K truncation U_K S_K V_Kᵀ of t, S_K V_Kᵀ)."""
-    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    u, s, vh = svd(t)
     lk = s[:rank, None] * vh[:rank]
     return u[:, :rank] @ lk, lk
 

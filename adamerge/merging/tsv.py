@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus, float_keys
-from adamerge.merging.fused import QKVLayout
+from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
@@ -70,13 +70,13 @@ def tsv_rank(m: int, n: int, num_tasks: int) -> int:
 
 def _polar(a: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (or rows) to ``a``: P Qᵀ from a = P S Qᵀ."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    p, _, qh = svd(a)
     return p @ qh
 
 
 def _top_components(t: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """(U_k, σ_k, V_kᵀ) of ``t`` without the components whose singular value is numerically zero."""
-    u, s, vh = torch.linalg.svd(t, full_matrices=False)
+    u, s, vh = svd(t)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank]
     tol = float(s[0]) * max(t.shape) * torch.finfo(torch.float32).eps
     keep = s > tol
