@@ -29,6 +29,10 @@ arithmetic's λ in this repo, so that the consensus mask is the only change from
 
 :func:`tall_masks` returns the per-task masks, also the compressed form of the experts:
 θ_t ≈ θ_0 + m_t ⊙ τ_MTL (no α there; the authors pick λ_t per task the same way).
+:func:`tall_mask_merge` returns that form as a
+:class:`~adamerge.merging.conditioned.TaskConditionedMerge` (vector τ_MTL, masks m_t, scales 1, as the
+authors' ``src/eval/eval.py`` evaluates it: ``apply_to(..., scaling_coef=1.0)`` of τ_MTL ⊙ m_t),
+registered as the conditioned merge ``"tall_masks"``.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
+from adamerge.merging.conditioned import TaskConditionedMerge, register_conditioned
 from adamerge.merging.registry import TaskVectorSource, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite, running_sum
 from adamerge.merging.ties import MERGE_FUNCS, ties_merge
 
-__all__ = ["consensus_mask", "consensus_ta", "consensus_ta_pool", "consensus_ties", "tall_masks"]
+__all__ = ["consensus_mask", "consensus_ta", "consensus_ta_pool", "consensus_ties", "tall_mask_merge", "tall_masks"]
 
 Stream = Callable[[], Iterable[StateDict]]  # a fresh pass over the task vectors each call
 
@@ -128,6 +133,25 @@ def tall_masks(
             raise MergeError(f"merged multi-task vector: shape mismatch at key {key!r}: expected "
                              f"{tuple(taus[0][key].shape)}, got {tuple(merged[key].shape)}")
     return [{key: _tall(tau[key], merged[key].float(), lam) for key in keys} for tau, lam in zip(taus, lams)]
+
+
+@register_conditioned("tall_masks", label="TALL masks")
+def tall_mask_merge(
+    pretrained: StateDict, taus: Sequence[StateDict], lam: float | Sequence[float] = 0.6
+) -> TaskConditionedMerge:
+    """TALL masks' compressed experts: θ_t = θ_0 + m_t ⊙ τ_MTL, τ_MTL = Σ_t τ_t (float32), scales 1.
+
+    Args:
+        pretrained: θ_0 (held by the result).
+        taus: the task vectors τ_1..τ_K (order = the result's task order).
+        lam: TALL-mask λ >= 0 for all tasks, or one λ_t per task (authors: per task from 0.2..0.6 on
+            validation; 0.6 in FusionBench's config).
+    """
+    taus = check_taus(taus)
+    check_against_pretrained(pretrained, taus)
+    merged, count = running_sum(taus)
+    masks = tall_masks(pretrained, taus, lam=lam, merged=merged)
+    return TaskConditionedMerge(pretrained, merged, masks, [1.0] * count, method="TALL masks")
 
 
 def consensus_mask(masks: Sequence[StateDict], k: int = 2) -> dict[str, Tensor]:
