@@ -50,6 +50,11 @@ STATIC: list[tuple[str, str, str, dict[str, Any]]] = [
     ("cart", "CART", "cart", {}),
     ("wudi", "WUDI", "wudi", {}),
 ]
+# task-conditioned merges (adamerge.merging.conditioned): task k is evaluated with its own model
+CONDITIONED: list[tuple[str, str, str]] = [
+    ("emr", "EMR-Merging (task id)", "emr"),
+    ("tall_masks", "TALL masks (task id)", "tall_masks"),
+]
 LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 
 # (run folder, table name, config under configs/mini); Surgery "on AdaMerging" reads the layer-wise
@@ -95,6 +100,16 @@ def run_static(bench: Any, pool: Any, out: Path, seed: int, skip: Callable[[str]
         state = merge_pool(pool, method, **kwargs)
         write_metrics(out / folder, name, evaluate(state), seed=seed, benchmark=bench.benchmark_id,
                       merge_seconds=time.perf_counter() - t0)
+    for folder, name, method in CONDITIONED:
+        if skip(folder):
+            continue
+        from adamerge.merging.conditioned import merge_pool_conditioned
+
+        merged = merge_pool_conditioned(pool, method)
+        acc = {t: evaluate_encoder(pool.build_encoder(merged.state_for(t)), pool, bench, [t])["accuracy"][t]
+               for t in tasks}
+        write_metrics(out / folder, name, acc, seed=seed, benchmark=bench.benchmark_id,
+                      storage_ratio=merged.storage_bytes()["ratio"])
     if not skip("task_arithmetic_val"):
         val = {}
         for lam in LAMBDA_GRID:

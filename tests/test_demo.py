@@ -10,7 +10,8 @@ from adamerge import demo
 from adamerge.data.mini import MiniBenchmark
 from adamerge.results import read_metrics
 
-STATIC_RUNS = ["zero_shot", "experts", "task_arithmetic_val"] + [s[0] for s in demo.STATIC]
+STATIC_RUNS = (["zero_shot", "experts", "task_arithmetic_val"] + [s[0] for s in demo.STATIC]
+               + [c[0] for c in demo.CONDITIONED])
 ADAPTIVE_RUNS = [a[0] for a in demo.ADAPTIVE]
 
 

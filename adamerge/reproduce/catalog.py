@@ -64,6 +64,8 @@ class Method:
         label: its row name.
         merge: for a static merge, the :func:`adamerge.merging.merge_pool` method.
         preset: its registered preset (the authors' run), None for its defaults.
+        conditioned: ``merge`` is a task-conditioned merge (:mod:`adamerge.merging.conditioned`): each
+            task is evaluated with its own model, as its paper does.
         configs: for a test-time method, the ``configs/method`` fragments of its official run.
         overrides: command-line overrides on top of them.
     """
@@ -72,6 +74,7 @@ class Method:
     label: str
     merge: str | None = None
     preset: str | None = None
+    conditioned: bool = False
     configs: tuple[str, ...] = ()
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
@@ -93,6 +96,8 @@ METHODS: tuple[Method, ...] = (
     Method("iso_cts", "Iso-CTS", merge="iso_cts", preset="official"),
     Method("cart", "CART", merge="cart", preset="official"),
     Method("wudi", "WUDI", merge="wudi", preset="official"),
+    Method("emr", "EMR-Merging (task id)", merge="emr", conditioned=True),
+    Method("tall_masks", "TALL masks (task id)", merge="tall_masks", conditioned=True),
     Method("adamerging_task", "AdaMerging (task-wise)", configs=("adamerging_official.yaml",),
            overrides=("--model.init_args.model.init_args.granularity=task",)),
     Method("adamerging_layer", "AdaMerging (layer-wise)", configs=("adamerging_official.yaml",)),

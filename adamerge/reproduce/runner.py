@@ -56,6 +56,11 @@ class _Static:
             return self.accuracy(None, tasks)
         if method.key == "experts":
             return {t: self.accuracy(self._pool.expert_state(t), [t])[t] for t in tasks}
+        if method.conditioned:
+            from adamerge.merging.conditioned import merge_pool_conditioned
+
+            merged = merge_pool_conditioned(self._pool, method.merge, preset=method.preset)
+            return {t: self.accuracy(merged.state_for(t), [t])[t] for t in tasks}
         return self.accuracy(merge_pool(self._pool, method.merge, preset=method.preset), tasks)
 
 
