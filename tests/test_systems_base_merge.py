@@ -103,3 +103,13 @@ def test_from_a_hub_id_read_through_the_offline_cache(tmp_path):
     """)
     assert out["equal"] and out["label"] == "ta-merge"
     assert out["missing"].startswith("base_merge: adamerge-test/elsewhere: ") and "HF_HUB_OFFLINE=1" in out["missing"]
+
+
+@pytest.mark.parametrize("name", ["tsv_m", "iso_c", "iso_cts", "cart", "wudi", "dare_ties", "consensus_ta"])
+def test_every_data_free_method_is_a_base_by_name_and_by_preset(name):
+    """Surgery / WEMoE build on any registered merge: by name (its defaults) or as a mapping with a preset."""
+    from adamerge.merging import merge_pool
+
+    pool = make_tiny_pool()
+    _close(base_merge_state(pool, name), merge_pool(pool, name))
+    _close(base_merge_state(pool, {"method": name, "preset": "official"}), merge_pool(pool, name, preset="official"))
