@@ -374,7 +374,7 @@ def test_merge_pool_conditioned_by_name(pool):
 
 
 def test_merge_pool_conditioned_errors(pool):
-    with pytest.raises(MergeError, match="unknown conditioned merge 'emr2'; known: .*emr"):
+    with pytest.raises(MergeError, match="unknown conditioned merge 'emr2'; known merges: .*emr"):
         merge_pool_conditioned(pool, "emr2")
     with pytest.raises(MergeError, match="conditioned merge 'emr' has no preset 'official'; its presets: none"):
         merge_pool_conditioned(pool, "emr", preset="official")

@@ -289,17 +289,6 @@ def merge_pool_conditioned(
         preset: a named official setting (``CONDITIONED_PRESETS``); ``kwargs`` override its values.
         **kwargs: the method's own arguments.
     """
-    if name not in CONDITIONED:
-        raise MergeError(f"unknown conditioned merge {name!r}; known: {', '.join(sorted(CONDITIONED))}")
-    if preset is not None:
-        known = CONDITIONED_PRESETS[name]
-        if preset not in known:
-            raise MergeError(f"conditioned merge {name!r} has no preset {preset!r}; its presets: "
-                             f"{', '.join(sorted(known)) or 'none'}")
-        kwargs = {**known[preset], **kwargs}
-    try:
-        return CONDITIONED[name](pool, tasks, **kwargs)
-    except TypeError as e:  # an argument the method does not take
-        if "unexpected keyword argument" in str(e):
-            raise MergeError(f"conditioned merge {name!r}: {e}") from None
-        raise
+    from adamerge.merging.dispatch import call_registered
+
+    return call_registered(CONDITIONED, CONDITIONED_PRESETS, "conditioned merge", name, pool, tasks, preset, kwargs)

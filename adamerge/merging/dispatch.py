@@ -20,7 +20,7 @@ from torch import Tensor
 from adamerge.merging.registry import METHODS, PRESETS, TaskVectorSource
 from adamerge.merging.task_vectors import MergeError
 
-__all__ = ["METHODS", "TaskVectorSource", "merge_pool"]
+__all__ = ["METHODS", "TaskVectorSource", "call_registered", "merge_pool"]
 
 
 @torch.no_grad()
@@ -41,17 +41,26 @@ def merge_pool(
         **kwargs: the method's own arguments (``lam``, ``keep``, ``merge``, ``dare``, ``alpha``,
             ``iters`` …), as documented on the method's function.
     """
-    if method not in METHODS:
-        raise MergeError(f"unknown merging method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    return call_registered(METHODS, PRESETS, "merging method", method, pool, tasks, preset, kwargs)
+
+
+def call_registered(table: dict, presets: dict, kind: str, name: str, pool: TaskVectorSource,
+                    tasks: Sequence[str] | None, preset: str | None, kwargs: dict[str, Any]) -> Any:
+    """Run ``table[name](pool, tasks, **kwargs)`` with ``preset``'s values under ``kwargs``; an unknown
+    name or preset, or an argument the method does not take, is a :class:`MergeError` naming it
+    (``kind``: how errors call a method of ``table``)."""
+    if name not in table:
+        known = ", ".join(sorted(table))
+        raise MergeError(f"unknown {kind} {name!r}; known {kind.split()[-1]}s: {known}")
     if preset is not None:
-        known = PRESETS.get(method, {})
-        if preset not in known:
-            raise MergeError(f"merging method {method!r} has no preset {preset!r}; its presets: "
-                             f"{', '.join(sorted(known)) or 'none'}")
-        kwargs = {**known[preset], **kwargs}
+        known_presets = presets.get(name, {})
+        if preset not in known_presets:
+            raise MergeError(f"{kind} {name!r} has no preset {preset!r}; its presets: "
+                             f"{', '.join(sorted(known_presets)) or 'none'}")
+        kwargs = {**known_presets[preset], **kwargs}
     try:
-        return METHODS[method](pool, tasks, **kwargs)
+        return table[name](pool, tasks, **kwargs)
     except TypeError as e:  # an argument the method does not take
         if "unexpected keyword argument" in str(e):
-            raise MergeError(f"merging method {method!r}: {e}") from None
+            raise MergeError(f"{kind} {name!r}: {e}") from None
         raise
