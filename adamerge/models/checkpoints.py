@@ -44,7 +44,13 @@ from adamerge.errors import AdaMergeError
 from adamerge.files import atomic_path
 from adamerge.merging.task_vectors import MergeError, check_compatible, check_finite
 from adamerge.models.activation import Activation, activation_of, activation_of_module, check_activation
-from adamerge.models.hf_clip import HFConversionError, convert_hf_vision_state, hf_vision_config, is_hf_state
+from adamerge.models.hf_clip import (
+    HF_WEIGHT_FILES,
+    HFConversionError,
+    convert_hf_vision_state,
+    hf_vision_config,
+    is_hf_state,
+)
 
 __all__ = [
     "CheckpointError",
@@ -188,15 +194,15 @@ def _as_tensor_dict(obj: object, path: Path) -> dict[str, Tensor]:
 
 
 def _hf_weight_files(folder: Path) -> list[Path]:
-    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / name
-        if index.is_file():
-            with open(index, encoding="utf-8") as f:
+    for name in HF_WEIGHT_FILES:  # the same order as a Hub repository's (adamerge.models.hub)
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            with open(path, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             return [folder / s for s in shards]
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return [folder / name]
+        return [path]
     raise CheckpointError(f"{folder}: HF folder without model.safetensors or pytorch_model.bin")
 
 

@@ -42,8 +42,10 @@ from torch import Tensor
 
 __all__ = ["HF_WEIGHT_FILES", "convert_hf_clip_state", "convert_hf_vision_state", "hf_vision_config", "is_hf_state"]
 
-HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                   "pytorch_model.bin.index.json")
+# The weight files of an HF model folder or repository, in the order they are looked for (transformers'):
+# sharded safetensors (the index), one safetensors file, then the same as pickles.
+HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                   "pytorch_model.bin")
 
 _PREFIX = "vision_model."
 _BARE = ("embeddings.", "encoder.layers.", "pre_layrnorm.", "post_layernorm.")

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from adamerge.errors import AdaMergeError
+from adamerge.models.hf_clip import HF_WEIGHT_FILES
 
 __all__ = ["HF_HUB", "HF_WEIGHTS", "OPEN_CLIP_WEIGHTS", "HubError", "hub_errors", "hub_file", "hub_open_clip_config",
            "hub_open_clip_dir", "hub_snapshot", "hub_tag_weights", "hub_weights", "is_hub_id", "is_repo_id", "parse_ref",
@@ -34,9 +35,7 @@ __all__ = ["HF_HUB", "HF_WEIGHTS", "OPEN_CLIP_WEIGHTS", "HubError", "hub_errors"
 HF_HUB = "hf-hub:"
 _LOCAL_DIR = "local-dir:"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-# transformers' order: an index (sharded weights) before the single file, safetensors before pickles
-HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-              "pytorch_model.bin")
+HF_WEIGHTS = HF_WEIGHT_FILES  # (adamerge.models.hf_clip: the order an HF folder's weights are looked for)
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # the Hub's rule for <org> and <name>: letters, digits, '-', '_', '.'; not starting or ending with '-' or '.'
 _NAME = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
