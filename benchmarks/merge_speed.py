@@ -82,7 +82,9 @@ def _run_opcm(pre, args) -> dict:
 
 
 class _Taus:
-    """The task vectors as merge_pool's pools hand them out (θ0 and (task, τ) pairs), all in memory."""
+    """The task vectors as merge_pool's pools hand them out (θ0 and (task, τ) pairs), drawn before the
+    clock starts and handed out once each: a method that streams them (DARE-TA, DARE-TIES, OPCM) can
+    let each go, as it would with a pool that reads experts from disk."""
 
     def __init__(self, pre, taus):
         self.pre, self.taus = pre, taus
@@ -91,13 +93,16 @@ class _Taus:
         return self.pre
 
     def task_vectors(self, tasks=None):
-        yield from ((f"task{k}", t) for k, t in enumerate(self.taus))
+        k = 0
+        while self.taus:
+            yield f"task{k}", self.taus.pop(0)
+            k += 1
 
 
 def _run_registered(pre, args) -> dict:
-    taus = [_noise(pre, seed=k, scale=args.noise) for k in range(args.experts)]
+    pool = _Taus(pre, [_noise(pre, seed=k, scale=args.noise) for k in range(args.experts)])
     start = time.perf_counter()
-    merged = REGISTERED[args.worker](_Taus(pre, taus))
+    merged = REGISTERED[args.worker](pool)
     seconds = time.perf_counter() - start
     assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
     return {"merge_s": seconds}

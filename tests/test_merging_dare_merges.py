@@ -2,7 +2,9 @@
 on the flattened model, p = 0 giving task arithmetic / TIES exactly, presets, the pool, errors, dtypes."""
 
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -229,3 +231,39 @@ def test_bad_ties_arguments_and_task_vectors(pool):
         merge_pool(pool, "dare_ta", drop=1.0)
     with pytest.raises(MergeError, match="merging method 'dare_ta': .*unexpected keyword argument 'dare'"):
         merge_pool(pool, "dare_ta", dare=0.5)
+
+
+class _OnceEach:
+    """A pool that hands each τ_k out once and remembers a weak reference to its tensors."""
+
+    def __init__(self, pre, taus):
+        self.pre, self.taus, self.refs, self.alive_when_read = pre, list(taus), [], []
+
+    def pretrained_state(self):
+        return dict(self.pre)
+
+    def task_vectors(self, tasks=None):
+        k = 0
+        while self.taus:
+            gc.collect()
+            self.alive_when_read.append(sum(r() is not None for r in self.refs))
+            tau = self.taus.pop(0)
+            self.refs.append(weakref.ref(next(iter(tau.values()))))
+            yield f"task{k}", tau
+            del tau
+            k += 1
+
+
+@pytest.mark.parametrize("name", ["dare_ta", "dare_ties"])
+def test_pool_dare_methods_let_each_original_task_vector_go(name):
+    # a pool reading experts from disk hands each τ_k out once: the streamed DARE merges keep only its
+    # dropped copy, so when τ_k is read no earlier original is alive (a list method would hold them all)
+    taus = [{k: v.clone() for k, v in t.items()} for t in TAUS]
+    want = merge_pool(_OnceEach(PRE, [dict(t) for t in taus]), name, seed=3)
+    pool = _OnceEach(PRE, taus)
+    del taus
+    got = merge_pool(pool, name, seed=3)
+    assert pool.alive_when_read == [0] * len(TAUS)
+    _equal(got, want)
+    ref = (dare_ties_merge if name == "dare_ties" else dare_task_arithmetic)(PRE, TAUS, seed=3)
+    _equal(got, ref)

@@ -90,4 +90,7 @@ def dare_each(taus: Iterable[StateDict], drop: float = 0.9, seed: int = 0) -> It
     """
     g = _generator(seed, None)
     for tau in taus:
-        yield dare(tau, drop=drop, generator=g)
+        dropped = dare(tau, drop=drop, generator=g)
+        del tau  # the original goes before the consumer asks for the next one
+        yield dropped
+        del dropped

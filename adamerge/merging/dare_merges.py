@@ -38,7 +38,7 @@ from adamerge.merging.registry import TaskVectorSource, register_method
 from adamerge.merging.task_vectors import StateDict, add_task_vector, running_sum
 from adamerge.merging.ties import ties_merge
 
-__all__ = ["dare_task_arithmetic", "dare_task_arithmetic_pool", "dare_ties_merge"]
+__all__ = ["dare_task_arithmetic", "dare_task_arithmetic_pool", "dare_ties_merge", "dare_ties_pool"]
 
 
 def _dare_sum(taus: Iterable[StateDict], drop: float, seed: int) -> dict[str, Tensor]:
@@ -98,14 +98,18 @@ def dare_task_arithmetic_pool(
     lam = check_lam(lam)
     drop = check_ratio(drop, "dare drop rate", allow_zero=True, allow_one=False)
     pretrained = pool.pretrained_state()
+    return add_task_vector(pretrained, _dare_sum(_checked(pool, tasks, pretrained), drop, seed), lam)
 
-    def checked() -> Iterable[StateDict]:
-        for i, (_, tau) in enumerate(pool.task_vectors(tasks)):
-            if i == 0:
-                check_against_pretrained(pretrained, [tau])
-            yield tau
 
-    return add_task_vector(pretrained, _dare_sum(checked(), drop, seed), lam)
+def _checked(pool: TaskVectorSource, tasks: Sequence[str] | None, pretrained: StateDict) -> Iterable[StateDict]:
+    """The pool's task vectors one at a time, the first checked against θ_0."""
+    first = True  # no enumerate(): its reused result tuple would keep the previous τ alive
+    for _, tau in pool.task_vectors(tasks):
+        if first:
+            check_against_pretrained(pretrained, [tau])
+            first = False
+        yield tau
+        del tau
 
 
 _TIES_PRESETS = {
@@ -116,7 +120,6 @@ _TIES_PRESETS = {
 }
 
 
-@register_method("dare_ties", label="DARE-TIES", presets=_TIES_PRESETS)
 def dare_ties_merge(
     pretrained: StateDict,
     taus: Sequence[StateDict],
@@ -142,3 +145,26 @@ def dare_ties_merge(
     """
     check_ratio(drop, "dare drop rate", allow_zero=True, allow_one=False)
     return ties_merge(pretrained, taus, keep=keep, merge=merge, lam=lam, dare=drop, seed=seed)
+
+
+@register_method("dare_ties", pool_level=True, label="DARE-TIES", presets=_TIES_PRESETS)
+def dare_ties_pool(
+    pool: TaskVectorSource, tasks: Sequence[str] | None = None, drop: float = 0.5, keep: float = 0.2,
+    merge: str = "sum", lam: float = 0.5, seed: int = 0,
+) -> dict[str, Tensor]:
+    """DARE-TIES (:func:`dare_ties_merge`) on a pool: each expert dropped as it is read, so only the K
+    dropped task vectors are held (not the K originals beside them).
+
+    Args:
+        pool: the model pool.
+        tasks: the tasks merged, in this order (it fixes which τ_k gets which draw of the generator).
+        drop: DARE drop rate p in [0, 1).
+        keep: fraction of each dropped task vector's entries TIES keeps, in (0, 1].
+        merge: TIES disjoint merge, "sum" or "mean".
+        lam: the scaling coefficient λ >= 0.
+        seed: seed of the DARE masks.
+    """
+    drop = check_ratio(drop, "dare drop rate", allow_zero=True, allow_one=False)
+    pretrained = pool.pretrained_state()
+    dropped = list(dare_each(_checked(pool, tasks, pretrained), drop=drop, seed=seed))
+    return ties_merge(pretrained, dropped, keep=keep, merge=merge, lam=lam)

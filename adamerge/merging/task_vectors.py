@@ -221,6 +221,7 @@ def running_sum(taus: Iterable[StateDict]) -> tuple[dict[str, Tensor], int]:
             for k in total:
                 total[k].add_(tau[k].float())
         count += 1
+        del tau  # let τ_k go before the stream reads τ_k+1
     if total is None:
         raise MergeError("no task vectors: the task list is empty")
     return total, count

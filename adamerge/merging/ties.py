@@ -21,9 +21,11 @@ with γ zeroed, so that their plain sum is the TIES "sum" merge (what AdaMerging
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from adamerge.merging._common import (
@@ -36,11 +38,15 @@ from adamerge.merging._common import (
 )
 from adamerge.merging.dare import dare_all
 from adamerge.merging.registry import register_method
-from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite, flatten
+from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite
 
 __all__ = ["ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
 
 MERGE_FUNCS = ("mean", "sum")
+
+
+def _n_keep(numel: int, keep: float) -> int:
+    return max(1, math.floor(numel * keep + 1e-6))
 
 
 def ties_threshold(tau: StateDict, keep: float = 0.2) -> float:
@@ -50,12 +56,26 @@ def ties_threshold(tau: StateDict, keep: float = 0.2) -> float:
         tau: a task vector.
         keep: fraction of entries kept, in (0, 1].
     """
+    return _thresholds([tau], keep)[0]
+
+
+def _thresholds(taus: Sequence[StateDict], keep: float) -> list[float]:
+    """:func:`ties_threshold` of each τ_k, partitioning |τ_k| in one buffer reused for every task."""
     keep = check_ratio(keep, "ties keep ratio")
-    flat = flatten(tau).abs_()
-    if flat.numel() == 0:
+    keys = float_keys(taus[0])
+    d = sum(taus[0][k].numel() for k in keys)
+    if d == 0:
         raise MergeError("task vector has no floating-point entries to trim")
-    n_keep = max(1, math.floor(flat.numel() * keep + 1e-6))
-    return kth_largest_(flat, n_keep)
+    buf = torch.empty(d, device=taus[0][keys[0]].device)
+    out = []
+    for tau in taus:
+        offset = 0
+        for key in keys:
+            n = tau[key].numel()
+            buf[offset : offset + n].copy_(tau[key].detach().reshape(-1)).abs_()
+            offset += n
+        out.append(kth_largest_(buf, _n_keep(d, keep)))
+    return out
 
 
 def ties_trim(tau: StateDict, keep: float = 0.2) -> dict[str, Tensor]:
@@ -78,6 +98,44 @@ def _majority(total: float) -> float:
     return 1.0 if total >= 0 else -1.0
 
 
+# The election and the disjoint merge run over each key in chunks of this many entries, so that the
+# working buffers stay in the CPU's cache (5x faster than whole-tensor ops on ViT-B/32 × 8).
+_CHUNK = 1 << 18
+
+
+def _chunks(n: int) -> Iterator[tuple[int, int]]:
+    for a in range(0, n, _CHUNK):
+        yield a, min(n, a + _CHUNK)
+
+
+def _elect(taus: Sequence[StateDict], keys: Sequence[str], thresholds: Sequence[float]) -> dict[str, Tensor]:
+    """γ per key (flat float32 ±1): sign(Σ_k τ_k·[|τ_k| ≥ h_k]); zero sums take the majority sign.
+
+    The one election of TIES: :func:`ties_merge` and :func:`ties_preprocess` call it with the
+    trimming thresholds h_k, :func:`ties_elect_sign` with h_k = 0 on already trimmed vectors.
+    """
+    gamma, total = {}, 0.0
+    for key in keys:
+        flat = [t[key].detach().reshape(-1) for t in taus]
+        s = torch.zeros(flat[0].numel(), device=flat[0].device)
+        size = min(_CHUNK, s.numel())
+        mag, mask = torch.empty(size, device=s.device), torch.empty(size, device=s.device)
+        for a, b in _chunks(s.numel()):
+            m = b - a
+            for x, h in zip(flat, thresholds):
+                xc = x[a:b].float()
+                torch.abs(xc, out=mag[:m])
+                torch.ge(mag[:m], h, out=mask[:m])
+                s[a:b].addcmul_(xc, mask[:m])
+        s.sign_()
+        total += float(s.sum())
+        gamma[key] = s
+    majority = _majority(total)
+    for s in gamma.values():
+        s.masked_fill_(s == 0, majority)
+    return gamma
+
+
 def ties_elect_sign(trimmed: Sequence[StateDict]) -> dict[str, Tensor]:
     """γ = sign(Σ_k τ̂_k) per entry (float32 ±1); zero sums take the majority sign over all entries.
 
@@ -85,28 +143,43 @@ def ties_elect_sign(trimmed: Sequence[StateDict]) -> dict[str, Tensor]:
         trimmed: the trimmed task vectors τ̂_1..τ̂_K.
     """
     trimmed = check_taus(trimmed, what="trimmed task vector")
-    signs, total = {}, 0.0
-    for key in float_keys(trimmed[0]):
-        s = torch.sign(sum(t[key].float() for t in trimmed))
-        total += float(s.sum())
-        signs[key] = s
-    majority = _majority(total)
-    return {k: torch.where(s == 0, torch.full_like(s, majority), s) for k, s in signs.items()}
+    keys = float_keys(trimmed[0])
+    gamma = _elect(trimmed, keys, [0.0] * len(trimmed))
+    return {k: gamma[k].view(trimmed[0][k].shape) for k in keys}
 
 
-def _agree(stack: Tensor, gamma: Tensor) -> Tensor:
-    """Entries of ``stack`` [K, ...] whose sign equals γ (others 0)."""
-    keep = torch.where(gamma > 0, stack > 0, stack < 0)
-    return stack * keep
+def _below(h: float) -> float:
+    """The largest float32 below h: ``y > _below(h)`` is ``y >= h`` (for ``F.threshold``)."""
+    return float(np.nextafter(np.float32(h), np.float32(-np.inf)))
 
 
-def _disjoint(stack: Tensor, gamma: Tensor, merge: str) -> Tensor:
-    selected = _agree(stack, gamma)
-    total = selected.sum(0)
-    if merge == "sum":
-        return total
-    count = (selected != 0).sum(0).clamp_(min=1)
-    return total / count
+def _agreeing(x: Tensor, gamma: Tensor, h: float, out: Tensor) -> Tensor:
+    """|τ̂| where τ̂ = τ·[|τ| ≥ h] has γ's sign, else 0 — into ``out``.
+
+    With y = τγ, τ̂ agrees with γ and survives the trim exactly where y ≥ h (h ≥ 0), and then |τ̂| = y.
+    """
+    torch.mul(x, gamma, out=out)
+    return F.threshold(out, _below(h), 0.0, inplace=True)
+
+
+def _disjoint(flat: Sequence[Tensor], gamma: Tensor, thresholds: Sequence[float], merge: str) -> Tensor:
+    """Σ (or mean) over k of the trimmed τ_k entries whose sign is γ; mean over the agreeing count."""
+    acc = torch.zeros_like(gamma)
+    count = torch.zeros_like(gamma) if merge == "mean" else None
+    size = min(_CHUNK, gamma.numel())
+    buf, hit = torch.empty(size, device=gamma.device), torch.empty(size, device=gamma.device)
+    for a, b in _chunks(gamma.numel()):
+        m = b - a
+        for x, h in zip(flat, thresholds):
+            y = _agreeing(x[a:b].float(), gamma[a:b], h, buf[:m])
+            acc[a:b].add_(y)
+            if count is not None:
+                torch.gt(y, 0, out=hit[:m])
+                count[a:b].add_(hit[:m])
+    acc.mul_(gamma)
+    if count is not None:
+        acc.div_(count.clamp_(min=1))
+    return acc
 
 
 def ties_preprocess(taus: Sequence[StateDict], keep: float = 0.2) -> list[dict[str, Tensor]]:
@@ -117,23 +190,18 @@ def ties_preprocess(taus: Sequence[StateDict], keep: float = 0.2) -> list[dict[s
         keep: fraction of each task vector's entries kept by trimming, in (0, 1].
     """
     taus = check_taus(taus)
-    trimmed = [ties_trim(t, keep) for t in taus]
-    gamma = ties_elect_sign(trimmed)
+    thresholds = _thresholds(taus, keep)
+    gamma = _elect(taus, float_keys(taus[0]), thresholds)
     out: list[dict[str, Tensor]] = [{} for _ in taus]
     for key in taus[0]:
-        if key not in gamma:
-            for o, t in zip(out, taus):
+        for o, t, h in zip(out, taus, thresholds):
+            if key not in gamma:
                 o[key] = t[key].clone()
-            continue
-        stack = torch.stack([t[key].float() for t in trimmed])
-        selected = _agree(stack, gamma[key])
-        for o, sel, t in zip(out, selected, taus):
-            o[key] = sel.to(t[key].dtype)
+                continue
+            g = gamma[key]
+            y = _agreeing(t[key].detach().reshape(-1).float(), g, h, torch.empty_like(g))
+            o[key] = y.mul_(g).view(t[key].shape).to(t[key].dtype)
     return out
-
-
-def _stack_trimmed(taus: Sequence[StateDict], key: str, thresholds: Sequence[float]) -> Tensor:
-    return torch.stack([_trim(t[key].float(), thr) for t, thr in zip(taus, thresholds)])
 
 
 @register_method("ties", label="TIES", presets={
@@ -153,8 +221,8 @@ def ties_merge(
 ) -> dict[str, Tensor]:
     """TIES-Merging: θ_0 + λ·disjoint_merge(trimmed, sign-elected task vectors).
 
-    Works key by key (no trimmed copy of every task vector is held), so peak memory is the task
-    vectors plus one flattened task vector for the thresholds.
+    Works key by key and chunk by chunk (no trimmed copy of any task vector is made), so peak memory
+    is the task vectors plus one flattened |τ| for the thresholds and γ (one model's worth each).
 
     Args:
         pretrained: θ_0.
@@ -174,16 +242,11 @@ def ties_merge(
         raise MergeError(f"unknown TIES merge function {merge!r}: use one of {MERGE_FUNCS}")
     if dare is not None:
         taus = dare_all(taus, drop=dare, seed=seed)
-    thresholds = [ties_threshold(t, keep) for t in taus]
     keys = float_keys(taus[0])
-    total = 0.0
-    for key in keys:  # pass 1: the majority sign over the whole model
-        total += float(torch.sign(_stack_trimmed(taus, key, thresholds).sum(0)).sum())
-    majority = _majority(total)
+    thresholds = _thresholds(taus, keep)
+    gamma = _elect(taus, keys, thresholds)
     merged: dict[str, Tensor] = {}
-    for key in keys:  # pass 2: elect, select, aggregate
-        stack = _stack_trimmed(taus, key, thresholds)
-        gamma = torch.sign(stack.sum(0))
-        gamma[gamma == 0] = majority
-        merged[key] = _disjoint(stack, gamma, merge)
+    for key in keys:
+        flat = [t[key].detach().reshape(-1) for t in taus]
+        merged[key] = _disjoint(flat, gamma.pop(key), thresholds, merge).view(taus[0][key].shape)
     return add_task_vector(pretrained, merged, lam)
