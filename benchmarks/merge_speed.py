@@ -11,8 +11,10 @@ the K experts are θ0 + Gaussian noise (``--noise``). Each method runs in a fres
 its peak memory is its own: the peak resident set (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs`` once θ0 is built) minus the resident set at that moment, i.e. what the
 merge needs on top of θ0 — for TIES the K task vectors it must hold plus its working memory, for OPCM
-one expert at a time plus its running sum. Times cover the merging calls only (not building θ0 or
-drawing the random experts). ``--threads`` sets torch's CPU threads (on a busy shared machine
+one expert at a time plus its running sum. The experts are drawn and written to safetensors files
+before the clock starts; the pool reads τ_k from its file when the stream reaches it (from the page
+cache, as a pool of local checkpoints would), so streaming methods hold only what they keep, and
+reading is in the time. Times cover the merging calls only (not building θ0 or drawing the experts). ``--threads`` sets torch's CPU threads (on a busy shared machine
 multi-threaded LAPACK can be 20x slower than one thread).
 """
 
@@ -24,11 +26,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from common import reset_peak_memory, status_kib
+from safetensors.torch import load_file, save_file
 
 from adamerge.merging.registry import METHODS as REGISTERED
 
@@ -48,17 +52,6 @@ def _pretrained(model: str) -> dict[str, torch.Tensor]:
 def _noise(pre: dict[str, torch.Tensor], seed: int, scale: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: scale * torch.randn(v.shape, generator=g) for k, v in pre.items() if v.is_floating_point()}
-
-
-def _run_ties(pre, args) -> dict:
-    from adamerge.merging import ties_merge
-
-    taus = [_noise(pre, seed=k, scale=args.noise) for k in range(args.experts)]
-    start = time.perf_counter()
-    merged = ties_merge(pre, taus, keep=0.2, merge="mean", lam=0.3)
-    seconds = time.perf_counter() - start
-    assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
-    return {"merge_s": seconds}
 
 
 def _run_opcm(pre, args) -> dict:
@@ -81,29 +74,34 @@ def _run_opcm(pre, args) -> dict:
     return {"merge_s": seconds, "rss_after_each_add_gb": rss_after_add, "lambda_t": merger.lambda_t}
 
 
-class _Taus:
-    """The task vectors as merge_pool's pools hand them out (θ0 and (task, τ) pairs), drawn before the
-    clock starts and handed out once each: a method that streams them (DARE-TA, DARE-TIES, OPCM) can
-    let each go, as it would with a pool that reads experts from disk."""
+class _DiskTaus:
+    """A pool as merge_pool's pools are: θ0 in memory, each τ_k read from its own safetensors file when
+    the stream reaches it (the files are written before the clock starts and stay in the page cache),
+    so a method that streams (task arithmetic, DARE-TA, DARE-TIES, OPCM) holds only what it keeps, and
+    one that reads the stream twice (Consensus) reads it twice."""
 
-    def __init__(self, pre, taus):
-        self.pre, self.taus = pre, taus
+    def __init__(self, pre, paths):
+        self.pre, self.paths = pre, paths
 
     def pretrained_state(self):
         return self.pre
 
     def task_vectors(self, tasks=None):
-        k = 0
-        while self.taus:
-            yield f"task{k}", self.taus.pop(0)
-            k += 1
+        for k, path in enumerate(self.paths):
+            yield f"task{k}", load_file(path)
 
 
 def _run_registered(pre, args) -> dict:
-    pool = _Taus(pre, [_noise(pre, seed=k, scale=args.noise) for k in range(args.experts)])
-    start = time.perf_counter()
-    merged = REGISTERED[args.worker](pool)
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
+        paths = []
+        for k in range(args.experts):
+            paths.append(os.path.join(tmp, f"task{k}.safetensors"))
+            save_file(_noise(pre, seed=k, scale=args.noise), paths[-1])
+        gc.collect()
+        reset_peak_memory(torch.device("cpu"))  # the peak the worker reports starts here
+        start = time.perf_counter()
+        merged = REGISTERED[args.worker](_DiskTaus(pre, paths))
+        seconds = time.perf_counter() - start
     assert all(torch.isfinite(v).all() for v in merged.values() if v.is_floating_point())
     return {"merge_s": seconds}
 
@@ -116,7 +114,7 @@ def worker(args) -> None:
     gc.collect()
     base_kb = status_kib("VmRSS")
     reset = reset_peak_memory(torch.device("cpu"))
-    result = {"ties": _run_ties, "opcm": _run_opcm}.get(args.worker, _run_registered)(pre, args)
+    result = {"opcm": _run_opcm}.get(args.worker, _run_registered)(pre, args)
     peak_kb = status_kib("VmHWM")
     result.update(
         method=args.worker,

@@ -68,7 +68,7 @@ def test_keep_merges_ties_preprocessed_vectors():
     from adamerge.merging.ties import ties_preprocess
 
     pool = make_tiny_pool()
-    model = AdaMergingModel(pool, granularity="task", keep=0.2)
+    model = AdaMergingModel(pool, granularity="task", directions={"method": "ties", "keep": 0.2})
     with torch.no_grad():
         model.lambdas.copy_(torch.tensor([[0.2], [0.5], [0.9]]))
     theta0 = pool.pretrained_state()

@@ -89,8 +89,8 @@ def test_resume_into_another_granularity_or_method_is_refused(tmp_path):
     path = _checkpointed(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer")))
     with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
         _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="task")), 4, ckpt_path=str(path))
-    with pytest.raises(CheckpointMismatchError, match="method.keep = None, this run has 0.2"):
-        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", keep=0.2)), 4, ckpt_path=str(path))
+    with pytest.raises(CheckpointMismatchError, match="method.directions.method = 'task_arithmetic', this run has 'ties'"):
+        _fit(tmp_path, AdaMerging(pool, model=partial(AdaMergingModel, granularity="layer", directions={"method": "ties", "keep": 0.2})), 4, ckpt_path=str(path))
     with pytest.raises(CheckpointMismatchError, match="system = 'AdaMerging', this run has 'ScaledProbe'"):
         _fit(tmp_path, ScaledProbe(pool), 4, ckpt_path=str(path))
 

@@ -93,7 +93,8 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
     assert list(state["state_dict"]) == ["model.lambdas"]
     assert "hyper_parameters" not in state  # state, never configuration
     assert state["adamerge"]["method"] == {"component": "adamerge.components.adamerging.AdaMergingModel",
-                                           "granularity": "layer", "clamp": True, "keep": None}
+                                           "granularity": "layer", "clamp": True,
+                                           "directions": {"method": "task_arithmetic"}}
     assert path.stat().st_size < 20_000
     restored = AdaMerging.load_from_checkpoint(path, pool=pool)
     torch.testing.assert_close(restored.model.lambdas, system.model.lambdas)
@@ -104,6 +105,8 @@ def test_checkpoint_is_coefficients_only_and_restores(tmp_path):
         AdaMerging.load_from_checkpoint(path, pool=pool, tasks=["task0", "task1"])
     with pytest.raises(CheckpointMismatchError, match="method.granularity = 'layer', this run has 'task'"):
         AdaMerging.load_from_checkpoint(path, pool=pool, model=partial(AdaMergingModel, granularity="task"))
+    with pytest.raises(CheckpointMismatchError, match="method.directions"):  # λ learned on other directions
+        AdaMerging.load_from_checkpoint(path, pool=pool, model=partial(AdaMergingModel, directions="cart"))
 
 
 def test_export_writes_merged_model_and_coefficients(tmp_path):

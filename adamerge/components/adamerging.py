@@ -3,6 +3,9 @@
     task-wise:   θ   = θ_0   + Σ_k λ_k   τ_k          (K coefficients)
     layer-wise:  θ^l = θ_0^l + Σ_k λ_k^l τ_k^l        (one coefficient per tensor l per task k)
     AdaMerging++: the same over TIES-preprocessed τ_k (trimmed, sign-elected; their sum is TIES "sum")
+    on any base: θ = o + Σ_k λ_k d_k with a static merge's origin o and per-task directions d_k
+                 (``directions``: CART's θ_avg and low-rank centred vectors, TSV-M's per-task
+                 subspace parts, …; :func:`adamerge.merging.dispatch.merge_directions`)
 
 The merged weights are recomputed every forward pass, differentiably in λ, and the encoder runs
 on them through :func:`torch.func.functional_call`. "Layer" means one floating-point entry of the
@@ -25,13 +28,15 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from adamerge.components.frozen import freeze_as_buffers
+from adamerge.merging.dispatch import merge_directions
+from adamerge.merging.registry import LABELS
 from adamerge.merging.task_vectors import (
     MergeError,
     check_compatible,
@@ -111,17 +116,13 @@ class _FusedMerge(torch.autograd.Function):
         return (grad.to(lam.dtype), None, None, None, *([None] * len(grads)))
 
 
-class _PoolTaskVectors(Sequence):
-    """A lazy sequence over a pool's task vectors (one expert in memory at a time)."""
-
-    def __init__(self, pool, tasks: list[str]) -> None:
-        self.pool, self.tasks = pool, tasks
-
-    def __len__(self) -> int:
-        return len(self.tasks)
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.pool.task_vector(self.tasks[i])
+def _direction_spec(directions: str | Mapping[str, Any]) -> dict[str, Any]:
+    """``{"method": name, **arguments}`` from a name or a mapping (errors name the option)."""
+    if isinstance(directions, str):
+        return {"method": directions}
+    if isinstance(directions, Mapping) and isinstance(directions.get("method"), str):
+        return dict(directions)
+    raise ValueError(f"directions must be a method name or a mapping with a 'method' name, got {directions!r}")
 
 
 class _TensorSource:
@@ -142,6 +143,10 @@ class _TensorSource:
     def task_vector(self, task: str):
         return self._taus[self.tasks.index(task)]
 
+    def task_vectors(self, tasks: Sequence[str] | None = None):
+        for task in self.check_tasks(self.tasks if tasks is None else tasks):
+            yield task, self.task_vector(task)
+
 
 class AdaMergingModel(nn.Module):
     """The encoder with weights θ_0 + Σ_k λ_k τ_k, differentiable in the coefficients λ.
@@ -153,8 +158,12 @@ class AdaMergingModel(nn.Module):
         granularity: ``"task"`` (one λ per task) or ``"layer"`` (one λ per tensor per task).
         init_lam: initial value λ of every coefficient (0.3 in the paper).
         clamp: clamp λ to [0, 1] inside the merge (official code; FusionBench does not).
-        keep: if set, TIES-preprocess the task vectors first (AdaMerging++), keeping this
-            fraction of magnitudes (0.2 in the paper).
+        directions: what the coefficients scale: the name of a static merge whose per-task directions
+            are taken, or ``{method: name, **its direction arguments}``. ``task_arithmetic`` (default:
+            θ_0 and the task vectors), ``{method: ties, keep: 0.2}`` (AdaMerging++), ``{method: cart,
+            rank_ratio: 0.12}`` (AdaMerging + CART: θ_avg and the low-rank centred vectors),
+            ``tsv_m`` (TSV-M's per-task subspace parts), with ``preset: official`` for the authors'
+            settings; any merge registered with ``register_directions``.
         tv_dtype: storage dtype of the stacked task vectors, ``"float32"`` or ``"bfloat16"`` (half
             the memory).
     """
@@ -166,7 +175,7 @@ class AdaMergingModel(nn.Module):
         granularity: Granularity = "layer",
         init_lam: float = 0.3,
         clamp: bool = True,
-        keep: float | None = None,
+        directions: str | dict[str, Any] = "task_arithmetic",
         tv_dtype: str = "float32",
     ) -> None:
         super().__init__()
@@ -181,28 +190,27 @@ class AdaMergingModel(nn.Module):
                 "would never move; use an init_lam in [0, 1] or clamp: false"
             )
         task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        encoder, pretrained_state = pool.encoder, pool.pretrained_state()
-        task_vectors = _PoolTaskVectors(pool, task_names)
-        check_compatible(encoder.state_dict(), pretrained_state, name="pretrained state dict")
-        check_finite(pretrained_state, name="pretrained state dict")
-        reference = {k: v for k, v in pretrained_state.items() if is_mergeable(v)}
+        self.directions = _direction_spec(directions)
+        encoder, theta0 = pool.encoder, pool.pretrained_state()
+        check_compatible(encoder.state_dict(), theta0, name="pretrained state dict")
+        check_finite(theta0, name="pretrained state dict")
+        del theta0
+        spec = dict(self.directions)
+        origin, task_vectors = merge_directions(pool, spec.pop("method"), tasks=task_names, **spec)
+        reference = {k: v for k, v in origin.items() if is_mergeable(v)}
         if not reference:
             raise MergeError("the encoder has no floating-point tensors to merge")
-        if keep is not None:
-            from adamerge.merging.ties import ties_preprocess
-
-            task_vectors = ties_preprocess([dict(t) for t in task_vectors], keep=keep)
         num_tasks = len(task_vectors)
         self.task_names = list(task_names)
-        self.granularity, self.clamp, self.keep = granularity, bool(clamp), keep
+        self.granularity, self.clamp = granularity, bool(clamp)
         self.layer_names = list(reference)
         self._shapes = [tuple(v.shape) for v in reference.values()]
         self._sizes = [v.numel() for v in reference.values()]
 
         self.encoder = freeze_as_buffers(copy.deepcopy(encoder).eval())
-        with torch.no_grad():  # θ_0 comes from ``pretrained_state``, not from the module's weights
+        with torch.no_grad():  # the origin (θ_0, or the base's) comes from the pool, not the module's weights
             for key, buf in self.encoder.named_buffers():
-                buf.copy_(pretrained_state[key])
+                buf.copy_(origin[key])
         self.register_buffer(
             "task_vectors", stack_task_vectors(task_vectors, reference, storage), persistent=False
         )
@@ -226,7 +234,7 @@ class AdaMergingModel(nn.Module):
             pretrained_state: θ_0 (same keys and shapes as ``encoder.state_dict()``).
             task_vectors: K task vectors τ_k over θ_0's floating-point keys (a sequence; may be lazy).
             task_names: names of the K tasks (for export and plots); default ``task0..task{K-1}``.
-            **kwargs: the constructor's method arguments (granularity, init_lam, clamp, keep, tv_dtype).
+            **kwargs: the constructor's method arguments (granularity, init_lam, clamp, directions, tv_dtype).
         """
         if len(task_vectors) == 0:
             raise MergeError("no task vectors given: AdaMerging needs at least one")
@@ -237,13 +245,15 @@ class AdaMergingModel(nn.Module):
 
     @property
     def label(self) -> str:
-        """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, …: the row name in results tables."""
-        name = "AdaMerging++" if self.keep is not None else "AdaMerging"
+        """``AdaMerging (layer-wise)``, ``AdaMerging++ (task-wise)``, ``AdaMerging+CART (layer-wise)``, …:
+        the row name in results tables."""
+        method = self.directions["method"]
+        name = {"task_arithmetic": "AdaMerging", "ties": "AdaMerging++"}.get(method, f"AdaMerging+{LABELS[method]}")
         return f"{name} ({self.granularity}-wise)"
 
     def identity(self) -> dict:
         """What the learned λ means (compared when a run is resumed)."""
-        return {"granularity": self.granularity, "clamp": self.clamp, "keep": self.keep}
+        return {"granularity": self.granularity, "clamp": self.clamp, "directions": dict(self.directions)}
 
     # ---- coefficients ---------------------------------------------------------------------
     @property

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
 from adamerge.merging.fused import QKVLayout, svd
-from adamerge.merging.registry import register_method
+from adamerge.merging.registry import register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
 __all__ = ["cart", "cart_directions", "cart_lowrank_key", "cart_rank"]
@@ -153,6 +153,13 @@ def cart(
     return layout.fuse(add_task_vector(pre, merged))
 
 
+@register_directions("cart", presets={
+    # AdaMerging + CART: CART's rank for the task count (JH-GEECS/CART configs), the fused q;k;v SVD of the
+    # authors' open_clip runs; AdaRank's adaptive CART (david3684/AdaRank) starts from the same split
+    "official": {"rank_ratio": 0.12, "split_qkv": False},
+    "official_14": {"rank_ratio": 0.16, "split_qkv": False},
+    "official_20": {"rank_ratio": 0.32, "split_qkv": False},
+})
 def cart_directions(
     pretrained: StateDict,
     task_vectors: Sequence[StateDict],

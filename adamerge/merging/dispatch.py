@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adamerge.merging.registry import METHODS, PRESETS, TaskVectorSource
+from adamerge.merging.registry import DIRECTION_PRESETS, DIRECTIONS, METHODS, PRESETS, TaskVectorSource
 from adamerge.merging.task_vectors import MergeError
 
-__all__ = ["METHODS", "TaskVectorSource", "call_registered", "merge_pool"]
+__all__ = ["METHODS", "TaskVectorSource", "call_registered", "merge_directions", "merge_pool"]
 
 
 @torch.no_grad()
@@ -42,6 +42,28 @@ def merge_pool(
             ``iters`` …), as documented on the method's function.
     """
     return call_registered(METHODS, PRESETS, "merging method", method, pool, tasks, preset, kwargs)
+
+
+@torch.no_grad()
+def merge_directions(
+    pool: TaskVectorSource, method: str = "task_arithmetic", tasks: Sequence[str] | None = None,
+    preset: str | None = None, **kwargs: Any,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """(origin, [d_1..d_K]): the merge ``method`` written as origin + Σ_k d_k, one direction per task.
+
+    What AdaMerging learns its coefficients on (θ = origin + Σ_k λ_k d_k): ``task_arithmetic`` (θ_0,
+    the τ_k), ``ties`` (θ_0, TIES-trimmed and sign-elected τ̂_k: AdaMerging++), ``cart`` (θ_avg, the
+    low-rank centred vectors), ``tsv_m`` (θ_0, each task's block of the orthogonalised TSV-M
+    subspace); any method that registers :func:`~adamerge.merging.registry.register_directions`.
+
+    Args:
+        pool: the model pool.
+        method: the registered method whose directions are taken.
+        tasks: the tasks, in this order (default: all, pool order).
+        preset: a named official setting of the direction arguments.
+        **kwargs: the method's direction arguments (``keep`` for ties, ``rank_ratio`` for cart …).
+    """
+    return call_registered(DIRECTIONS, DIRECTION_PRESETS, "directions method", method, pool, tasks, preset, kwargs)
 
 
 def call_registered(table: dict, presets: dict, kind: str, name: str, pool: TaskVectorSource,

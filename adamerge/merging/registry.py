@@ -24,13 +24,20 @@ from torch import Tensor
 
 from adamerge.merging.task_vectors import running_sum
 
-__all__ = ["LABELS", "METHODS", "PRESETS", "TaskVectorSource", "register_method", "streamed_sum"]
+__all__ = [
+    "DIRECTIONS", "DIRECTION_PRESETS", "LABELS", "METHODS", "PRESETS", "TaskVectorSource", "register_directions",
+    "register_method", "streamed_sum",
+]
 
 MergeFn = Callable[..., dict[str, Tensor]]
 METHODS: dict[str, MergeFn] = {}
 LABELS: dict[str, str] = {}  # name → short row name ("TIES"), e.g. in "Surgery on TIES"
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}  # name → {preset: the official run's arguments}
 _ORIGINS: dict[str, str] = {}
+# name → fn(pool, tasks=None, **kwargs) -> (origin, [d_1..d_K]): a merge written as origin + Σ_k d_k, the
+# per-task directions a learned coefficient can scale (AdaMerging on any base, AdaRank)
+DIRECTIONS: dict[str, Callable[..., tuple[dict[str, Tensor], list[dict[str, Tensor]]]]] = {}
+DIRECTION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 
 
 class TaskVectorSource(Protocol):
@@ -75,6 +82,32 @@ def register_method(
         METHODS[name], _ORIGINS[name] = (fn if pool_level else _on_pool(fn)), origin
         LABELS[name] = label or name
         PRESETS[name] = {k: dict(v) for k, v in (presets or {}).items()}
+        return fn
+
+    return decorate
+
+
+def register_directions(
+    name: str, pool_level: bool = False, presets: dict[str, dict[str, Any]] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Register how the merge ``name`` splits into an origin and one direction per task.
+
+    The function returns ``(origin, [d_1..d_K])`` with ``origin + Σ_k d_k`` the merge at unit scale
+    (task arithmetic: θ_0 and the τ_k; TIES: θ_0 and the trimmed, sign-elected τ̂_k; CART: θ_avg and
+    the low-rank centred vectors); methods that learn a coefficient per task (and layer) scale the
+    d_k (:func:`adamerge.merging.dispatch.merge_directions`). ``name`` is the merge's registered name,
+    so tables label the result with the merge's label.
+
+    Args:
+        name: the registered method whose directions these are.
+        pool_level: the function takes ``(pool, tasks=None, **kwargs)`` (reads the stream itself)
+            instead of ``(pretrained, task_vectors, **kwargs)``.
+        presets: named official settings of the direction arguments (``{"official": {...}}``).
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        DIRECTIONS[name] = fn if pool_level else _on_pool(fn)
+        DIRECTION_PRESETS[name] = {k: dict(v) for k, v in (presets or {}).items()}
         return fn
 
     return decorate

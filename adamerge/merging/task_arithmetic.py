@@ -9,15 +9,16 @@ every τ_k is first passed through DARE drop-and-rescale (:mod:`adamerge.merging
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus
 from adamerge.merging.dare import dare_all
-from adamerge.merging.registry import TaskVectorSource, register_method, streamed_sum
-from adamerge.merging.task_vectors import StateDict, add_task_vector, running_sum
+from adamerge.merging.registry import TaskVectorSource, register_directions, register_method, streamed_sum
+from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, running_sum
 
-__all__ = ["task_arithmetic", "task_arithmetic_pool"]
+__all__ = ["task_arithmetic", "task_arithmetic_directions", "task_arithmetic_pool"]
 
 
 def task_arithmetic(
@@ -60,3 +61,35 @@ def task_arithmetic_pool(
     lam = check_lam(lam)
     total, _ = streamed_sum(pool, tasks)
     return add_task_vector(pool.pretrained_state(), total, lam)
+
+
+class _Streamed(Sequence):
+    """The pool's task vectors as a lazy sequence: item k is read from the pool when asked for."""
+
+    def __init__(self, pool: TaskVectorSource, tasks: Sequence[str]) -> None:
+        self.pool, self.tasks = pool, list(tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: Any) -> dict[str, Tensor]:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]  # type: ignore[return-value]
+        (_, tau), = self.pool.task_vectors([self.tasks[i]])
+        return tau
+
+
+@register_directions("task_arithmetic", pool_level=True)
+def task_arithmetic_directions(
+    pool: TaskVectorSource, tasks: Sequence[str] | None = None,
+) -> tuple[dict[str, Tensor], Sequence[dict[str, Tensor]]]:
+    """(θ_0, [τ_1..τ_K]): task arithmetic's directions, the task vectors, read lazily one at a time.
+
+    Args:
+        pool: the model pool.
+        tasks: the tasks, in order (default: all of the pool's).
+    """
+    names = list(tasks) if tasks is not None else list(getattr(pool, "tasks", None) or [])
+    if not names:
+        raise MergeError("task_arithmetic directions need the task names: pass tasks")
+    return pool.pretrained_state(), _Streamed(pool, names)

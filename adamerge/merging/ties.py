@@ -37,10 +37,10 @@ from adamerge.merging._common import (
     kth_largest_,
 )
 from adamerge.merging.dare import dare_all
-from adamerge.merging.registry import register_method
+from adamerge.merging.registry import register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite
 
-__all__ = ["ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
+__all__ = ["ties_directions", "ties_elect_sign", "ties_merge", "ties_preprocess", "ties_threshold", "ties_trim"]
 
 MERGE_FUNCS = ("mean", "sum")
 
@@ -250,3 +250,20 @@ def ties_merge(
         flat = [t[key].detach().reshape(-1) for t in taus]
         merged[key] = _disjoint(flat, gamma.pop(key), thresholds, merge).view(taus[0][key].shape)
     return add_task_vector(pretrained, merged, lam)
+
+
+@register_directions("ties", presets={"official": {"keep": 0.2}})
+def ties_directions(
+    pretrained: StateDict, taus: Sequence[StateDict], keep: float = 0.2,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """(θ_0, [τ̂_1..τ̂_K]): TIES's directions, the trimmed and sign-elected task vectors of
+    :func:`ties_preprocess` (their sum is TIES "sum"; AdaMerging++ learns its coefficients on them).
+
+    Args:
+        pretrained: θ_0.
+        taus: the task vectors τ_1..τ_K.
+        keep: fraction of each task vector's entries kept by trimming, in (0, 1] (AdaMerging++: 0.2).
+    """
+    taus = check_taus(taus)
+    check_against_pretrained(pretrained, taus)
+    return dict(pretrained), ties_preprocess(taus, keep)

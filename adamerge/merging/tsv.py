@@ -50,10 +50,10 @@ from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus, float_keys
 from adamerge.merging.fused import QKVLayout, svd
-from adamerge.merging.registry import register_method
+from adamerge.merging.registry import register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
-__all__ = ["is_tsv_matrix", "tsv_merge", "tsv_merge_weight", "tsv_rank"]
+__all__ = ["is_tsv_matrix", "tsv_directions", "tsv_merge", "tsv_merge_weight", "tsv_rank", "tsv_weight_parts"]
 
 
 def is_tsv_matrix(key: str, tensor: Tensor) -> bool:
@@ -83,21 +83,46 @@ def _top_components(t: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     return u[:, keep], s[keep], vh[keep]
 
 
+def _orthogonalised(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
+    """(U⊥, Σ, V⊥ᵀ, [k_1..k_K]) of one 2-D weight, k_i the components task i put in the stack; None
+    when nothing is kept (rank 0, or all-zero task vectors)."""
+    m, n = taus[0].shape
+    rank = tsv_rank(m, n, len(taus))
+    parts = [_top_components(t.float(), rank) for t in taus] if rank else []
+    sigma = torch.cat([s for _, s, _ in parts]) if parts else None
+    if sigma is None or sigma.numel() == 0:
+        return None
+    u_orth = _polar(torch.cat([u for u, _, _ in parts], dim=1))
+    vh_orth = _polar(torch.cat([vh for _, _, vh in parts], dim=0))
+    return u_orth, sigma, vh_orth, [s.numel() for _, s, _ in parts]
+
+
 def tsv_merge_weight(taus: Sequence[Tensor]) -> Tensor:
     """The TSV-M merged task vector U⊥ Σ V⊥ᵀ of one 2-D weight (float32, on the inputs' device).
 
     Args:
         taus: the K task vectors of this weight, each [m, n].
     """
-    m, n = taus[0].shape
-    rank = tsv_rank(m, n, len(taus))
-    parts = [_top_components(t.float(), rank) for t in taus] if rank else []
-    sigma = torch.cat([s for _, s, _ in parts]) if parts else None
-    if sigma is None or sigma.numel() == 0:  # rank 0 (K > min(m, n)) or all-zero task vectors
-        return torch.zeros(m, n, dtype=torch.float32, device=taus[0].device)
-    u_orth = _polar(torch.cat([u for u, _, _ in parts], dim=1))
-    vh_orth = _polar(torch.cat([vh for _, _, vh in parts], dim=0))
+    found = _orthogonalised(taus)
+    if found is None:
+        return torch.zeros(*taus[0].shape, dtype=torch.float32, device=taus[0].device)
+    u_orth, sigma, vh_orth, _ = found
     return (u_orth * sigma) @ vh_orth
+
+
+def tsv_weight_parts(taus: Sequence[Tensor]) -> list[Tensor]:
+    """Task i's part U⊥_i Σ_i V⊥_iᵀ of the TSV-M merge of one 2-D weight (its block of columns of the
+    orthogonalised stack); the parts sum to :func:`tsv_merge_weight`.
+
+    Args:
+        taus: the K task vectors of this weight, each [m, n].
+    """
+    found = _orthogonalised(taus)
+    if found is None:
+        return [torch.zeros(*t.shape, dtype=torch.float32, device=t.device) for t in taus]
+    u_orth, sigma, vh_orth, sizes = found
+    blocks = torch.split(torch.arange(sigma.numel(), device=sigma.device), sizes)
+    return [(u_orth[:, b] * sigma[b]) @ vh_orth[b] for b in blocks]
 
 
 @register_method("tsv_m", label="TSV-M", presets={
@@ -150,3 +175,41 @@ def tsv_merge(
         else:
             merged[key] = torch.stack([t.float() for t in ts]).mean(0)
     return layout.fuse(add_task_vector(pre, merged, lam))
+
+
+@register_directions("tsv_m", presets={"official": {"split_qkv": False}, "fusion_bench": {"split_qkv": True}})
+def tsv_directions(
+    pretrained: StateDict,
+    taus: Sequence[StateDict],
+    split_qkv: bool = True,
+    is_svd_merged: Callable[[str, Tensor], bool] | None = None,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """(θ_0, [d_1..d_K]): TSV-M split by task, so that θ_0 + Σ_i d_i = ``tsv_merge(..., lam=1)``.
+
+    On the SVD-merged keys d_i is task i's block of the orthogonalised subspace (:func:`tsv_weight_parts`);
+    on every other float key d_i = τ_i / K (the mean's share). AdaMerging learns a coefficient per
+    task (and layer) on them; the fused q;k;v hold the three matrices' parts.
+
+    Args:
+        pretrained: θ_0.
+        taus: the task vectors τ_1..τ_K.
+        split_qkv: as in :func:`tsv_merge`.
+        is_svd_merged: as in :func:`tsv_merge`.
+    """
+    taus = check_taus(taus)
+    check_against_pretrained(pretrained, taus)
+    if not isinstance(split_qkv, bool):
+        raise MergeError(f"tsv split_qkv must be True or False, got {split_qkv!r}")
+    layout = QKVLayout.of(pretrained) if split_qkv else QKVLayout()
+    split = [layout.split(t, name=f"task vector {i}") for i, t in enumerate(taus)]
+    chosen = is_svd_merged or is_tsv_matrix
+    dirs: list[dict[str, Tensor]] = [{} for _ in split]
+    for key in float_keys(split[0]):
+        ts = [t[key] for t in split]
+        if ts[0].dim() == 2 and chosen(key, ts[0]):
+            parts = tsv_weight_parts(ts)
+        else:
+            parts = [t.float() / len(ts) for t in ts]
+        for d, t, part in zip(dirs, ts, parts):
+            d[key] = part.to(t.dtype)
+    return dict(pretrained), [layout.fuse(d, name=f"direction {i}") for i, d in enumerate(dirs)]
