@@ -135,3 +135,59 @@ def test_bad_task_vectors():
         ties_merge({"b": PRE["b"]}, TAUS)
     with pytest.raises(MergeError, match="trimmed task vector 1 is missing key 'b'"):
         ties_elect_sign([TRIMMED[0], {"w": TRIMMED[1]["w"]}])
+
+
+def test_sign_is_elected_by_mass_not_by_count():
+    # one large negative against two small positives: the mass (sum) elects -1, a count of signs +1
+    taus = [{"w": torch.tensor([-0.9])}, {"w": torch.tensor([0.2])}, {"w": torch.tensor([0.3])}]
+    pre = {"w": torch.zeros(1)}
+    assert ties_merge(pre, taus, keep=1.0, merge="sum", lam=1.0)["w"].item() == pytest.approx(-0.9)
+    assert ties_elect_sign(taus)["w"].item() == -1.0
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+def test_a_zero_sum_entry_takes_the_majority_sign_plus_when_the_signs_cancel(merge):
+    # entries 0 and 1 elect +1 and -1 (their signs cancel: the total is exactly 0); entry 2 sums to 0 and
+    # must take +1, keeping task 0's 0.5 (majority -1 would keep -0.5; no sign at all would give 0)
+    taus = [{"w": torch.tensor([1.0, -1.0, 0.5])}, {"w": torch.tensor([1.0, -1.0, -0.5])}]
+    pre = {"w": torch.zeros(3)}
+    out = ties_merge(pre, taus, keep=1.0, merge=merge, lam=1.0)["w"]
+    assert out[2].item() == 0.5
+    assert ties_elect_sign(taus)["w"].tolist() == [1.0, -1.0, 1.0]
+    assert [p["w"][2].item() for p in ties_preprocess(taus, keep=1.0)] == [0.5, 0.0]
+
+
+def _written_out_ties(pre, taus, keep, merge, lam):
+    """TIES on the flattened model with plain ops: sort for the thresholds, sum for the sign."""
+    keys = list(taus[0])
+    flat = [torch.cat([t[k].reshape(-1) for k in keys]) for t in taus]
+    n = max(1, int(flat[0].numel() * keep + 1e-6))
+    trimmed = torch.stack([f * (f.abs() >= f.abs().sort(descending=True).values[n - 1]) for f in flat])
+    gamma = torch.sign(trimmed.sum(0))
+    gamma[gamma == 0] = 1.0 if gamma.sum() >= 0 else -1.0
+    agree = trimmed * (torch.sign(trimmed) == gamma)
+    merged = agree.sum(0) if merge == "sum" else agree.sum(0) / (agree != 0).sum(0).clamp(min=1)
+    out, offset = {}, 0
+    for k in keys:
+        size = pre[k].numel()
+        out[k] = pre[k] + lam * merged[offset:offset + size].reshape(pre[k].shape)
+        offset += size
+    return out
+
+
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+def test_chunked_merge_equals_the_written_out_merge_across_chunk_boundaries(merge, monkeypatch):
+    # the election and the disjoint merge run in chunks of _CHUNK entries: a chunk of 7 cuts every key
+    # ([48, 32], [32], [96, 32]) at odd places, so an offset slip between chunks shows
+    import adamerge.merging.ties as ties_module
+
+    monkeypatch.setattr(ties_module, "_CHUNK", 7)
+    g = torch.Generator().manual_seed(5)
+    shapes = {"w": (48, 32), "b": (32,), "attn.in_proj_weight": (96, 32)}
+    pre = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    taus = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(5)]
+    got = ties_merge(pre, taus, keep=0.3, merge=merge, lam=0.7)
+    _close(got, _written_out_ties(pre, taus, 0.3, merge, 0.7))
+    if merge == "sum":
+        summed = {k: pre[k] + 0.7 * sum(p[k] for p in ties_preprocess(taus, keep=0.3)) for k in shapes}
+        _close(summed, got)

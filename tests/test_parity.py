@@ -48,11 +48,14 @@ def _code_default(where: str):
     target, _, preset = name.partition("@")
     obj = getattr(importlib.import_module(module), target)
     if preset:
-        from adamerge.merging.registry import _ORIGINS, PRESETS
+        from adamerge.merging.registry import _ORIGINS, DIRECTION_PRESETS, DIRECTIONS, PRESETS
 
         origin = f"{obj.__module__}.{obj.__qualname__}"
-        [method] = [m for m, o in _ORIGINS.items() if o == origin]
-        return PRESETS[method][preset][arg]
+        merges = [m for m, o in _ORIGINS.items() if o == origin]
+        if merges:
+            return PRESETS[merges[0]][preset][arg]
+        [method] = [m for m, fn in DIRECTIONS.items() if getattr(fn, "__wrapped__", fn) is obj]  # a directions fn
+        return DIRECTION_PRESETS[method][preset][arg]
     default = inspect.signature(obj).parameters[arg].default
     assert default is not inspect.Parameter.empty, f"{where}: no default"
     return default
