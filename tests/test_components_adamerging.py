@@ -281,3 +281,26 @@ def test_merge_runs_on_the_gpu_without_host_copies():
     for key, value in merged.items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value.cpu(), expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_an_explicit_theta0_is_used_not_the_encoders_own_weights():
+    # θ0 given to from_task_vectors differs from the encoder's weights: the merge must start from it
+    enc = WithIntBuffer()
+    theta0 = {k: (v + 1.0) if v.is_floating_point() else v.clone() for k, v in enc.state_dict().items()}
+    taus = [{"lin.weight": torch.ones(3, 4), "lin.bias": torch.zeros(3)}]
+    model = AdaMergingModel.from_task_vectors(enc, theta0, taus, granularity="task", init_lam=0.25)
+    merged = model.merged_state_dict()
+    torch.testing.assert_close(merged["lin.weight"], theta0["lin.weight"] + 0.25)
+    torch.testing.assert_close(merged["lin.bias"], theta0["lin.bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_entropy_of_half_precision_logits_is_computed_in_float32(dtype):
+    # logits whose softmax in half precision loses the small probabilities: computed in float32 the
+    # entropy matches the float32 value of the same (rounded) logits to float32 accuracy
+    logits = torch.tensor([[12.0, 0.0, -3.0, 5.5], [0.1, 0.2, 0.3, 0.4]]).to(dtype)
+    got = entropy(logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, entropy(logits.float()), rtol=0, atol=0)
+    p = logits.float().softmax(-1)
+    torch.testing.assert_close(got, -(p * p.log()).sum(-1), rtol=1e-6, atol=1e-6)
