@@ -58,3 +58,17 @@ def test_bad_inputs():
         dare({"w": torch.tensor([float("nan")])})
     with pytest.raises(MergeError, match="empty list of task vectors"):
         dare_all([])
+
+
+def test_the_documented_defaults_drop_0_9_with_seed_0():
+    # dare's docstring: drop 0.9, and seed 0 when neither seed nor generator is given; dare_all and
+    # dare_each default to seed 0 too (a generator seeded 1 draws other masks, so a changed default shows)
+    tau = {"w": torch.randn(40, 30, generator=torch.Generator().manual_seed(9))}
+    g = torch.Generator().manual_seed(0)
+    want = tau["w"] * (torch.rand(40, 30, generator=g) >= 0.9) / 0.1
+    torch.testing.assert_close(dare(tau)["w"], want)
+    assert not torch.equal(dare(tau, seed=1)["w"], want)
+    torch.testing.assert_close(dare_all([tau])[0]["w"], want)
+    from adamerge.merging.dare import dare_each
+
+    torch.testing.assert_close(next(dare_each([tau]))["w"], want)
