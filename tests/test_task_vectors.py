@@ -70,3 +70,24 @@ def test_linear_combination_and_flatten():
     flat = flatten(a)
     assert flat.tolist() == [1.0, 2.0, 1.0]
     assert all(torch.equal(unflatten(flat, a)[k], a[k]) for k in a)
+
+
+def test_validation_that_a_broadcast_or_a_silent_truncation_would_hide():
+    base = {"w": torch.zeros(2, 3)}
+    with pytest.raises(MergeError, match=r"shape mismatch at key 'w': expected \(2, 3\), got \(1, 3\)"):
+        add_task_vector(base, {"w": torch.ones(1, 3)})  # would broadcast over the rows
+    with pytest.raises(MergeError, match="key 'x' that the pretrained state dict lacks"):
+        add_task_vector(base, {"x": torch.ones(1)})
+    a, b = _sd(w=[1.0, 2.0]), _sd(w=[3.0, 4.0])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(MergeError, match="is not finite"):
+            linear_combination([a, b], [0.5, bad])
+    with pytest.raises(MergeError, match="got 1 weights for 2 state dicts"):
+        linear_combination([a, b], [0.5])  # zip would drop b
+    with pytest.raises(MergeError, match="state dict 1: shape mismatch"):
+        linear_combination([a, _sd(w=[1.0])], [0.5, 0.5])
+    like = _sd(w=[1.0, 2.0], v=[[1.0]])
+    with pytest.raises(MergeError, match="vector has 4 entries, state dict needs 3"):
+        unflatten(torch.arange(4.0), like)  # slicing would silently drop the last entry
+    with pytest.raises(MergeError, match="vector has 2 entries, state dict needs 3"):
+        unflatten(torch.arange(2.0), like)

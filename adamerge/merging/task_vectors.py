@@ -238,6 +238,9 @@ def flatten(state: StateDict, keys: Iterable[str] | None = None) -> Tensor:
 
 def unflatten(vector: Tensor, like: StateDict) -> dict[str, Tensor]:
     """Inverse of :func:`flatten`: split ``vector`` into ``like``'s float keys, shapes and dtypes."""
+    needed = sum(ref.numel() for ref in like.values() if is_mergeable(ref))
+    if vector.dim() != 1 or vector.numel() != needed:
+        raise MergeError(f"vector has {vector.numel()} entries, state dict needs {needed}")
     out: dict[str, Tensor] = {}
     offset = 0
     for key, ref in like.items():
@@ -246,6 +249,4 @@ def unflatten(vector: Tensor, like: StateDict) -> dict[str, Tensor]:
         n = ref.numel()
         out[key] = vector[offset : offset + n].reshape(ref.shape).to(ref.dtype)
         offset += n
-    if offset != vector.numel():
-        raise MergeError(f"vector has {vector.numel()} entries, state dict needs {offset}")
     return out
