@@ -193,7 +193,8 @@ def static_methods() -> dict[str, str]:
 
 def learnable_methods() -> dict[str, type]:
     """Short name → class of every public :class:`~adamerge.systems.base.TestTimeSystem` subclass,
-    found by walking ``__subclasses__()`` after importing every module of :mod:`adamerge.systems`."""
+    found by walking ``__subclasses__()`` after importing every module of :mod:`adamerge.systems`
+    (a class that sets ``abstract = True`` in its own body is a base of methods and is left out)."""
     from adamerge.systems.base import TestTimeSystem
 
     _import_plugins()
@@ -202,7 +203,7 @@ def learnable_methods() -> dict[str, type]:
     while stack:
         cls = stack.pop(0)
         public = "<locals>" not in cls.__qualname__ and "._" not in f"{cls.__module__}.{cls.__qualname__}"
-        if public:
+        if public and not cls.__dict__.get("abstract", False):  # a base of methods, not one itself
             found.setdefault(cls.__name__, cls)
         stack.extend(cls.__subclasses__())
     return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))

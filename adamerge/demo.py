@@ -60,6 +60,8 @@ LAMBDA_GRID = [round(0.1 * i, 1) for i in range(1, 11)]
 # (run folder, table name, config under configs/mini); Surgery "on AdaMerging" reads the layer-wise
 # AdaMerging run's export of the same seed, so it comes after it.
 ADAPTIVE: list[tuple[str, str, str]] = [
+    ("regmean", "RegMean", "regmean.yaml"),  # one pass of statistics over the unlabeled stream, no steps
+    ("fisher", "Fisher merging", "fisher.yaml"),
     ("adamerging_task", "AdaMerging (task-wise)", "adamerging_task.yaml"),
     ("adamerging_layer", "AdaMerging (layer-wise)", "adamerging_layer.yaml"),
     ("adamerging_plusplus", "AdaMerging++ (layer-wise)", "adamerging_plusplus.yaml"),

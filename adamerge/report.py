@@ -131,7 +131,8 @@ class RunReport(Callback):
         """The report's text for ``stage`` (``fit``, ``validate`` or ``test``)."""
         split = getattr(getattr(trainer, "datamodule", None), "eval_split", None)
         label = getattr(pl_module, "method_label", None) or type(pl_module).__name__
-        lines = [f"adamerge {stage}: {label}, step {trainer.global_step}"]
+        step = getattr(pl_module, "progress_step", trainer.global_step) if stage == "fit" else trainer.global_step
+        lines = [f"adamerge {stage}: {label}, step {step}"]
         lines += self._accuracy(pl_module, _STAGES[stage], split, stage)
         lines += ["", "written:"] + self._paths(trainer, pl_module, stage)
         return "\n".join(lines)

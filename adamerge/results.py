@@ -39,7 +39,7 @@ __all__ = [
 
 # Rows of known methods come in this order (the papers' tables); other methods follow, first seen first.
 METHOD_ORDER = (
-    "Zero-shot", "Weight averaging", "Task arithmetic (λ=0.3)", "Task arithmetic (λ on val)", "TIES-Merging",
+    "Zero-shot", "Weight averaging", "RegMean", "RegMean++", "Fisher merging", "Task arithmetic (λ=0.3)", "Task arithmetic (λ on val)", "TIES-Merging",
     "PCB-Merging", "OPCM (continual)", "DARE-TA", "DARE-TIES", "Consensus TA", "TSV-M", "Iso-C", "Iso-CTS", "CART",
     "WUDI", "EMR-Merging (task id)", "TALL masks (task id)", "AdaMerging (task-wise)", "AdaMerging (layer-wise)",
     "AdaMerging++ (layer-wise)", "AdaMerging+CART (layer-wise)", "Surgery on TA", "SurgeryV2 on TA", "Surgery on AdaMerging",

@@ -313,7 +313,7 @@ class TestTimeSystem(L.LightningModule):
         values = self._eval_epoch_end(self.val_acc, "val")
         if values and not self.trainer.sanity_checking:
             self.last_metrics.update(values)
-            self.last_metrics_step = int(self.trainer.global_step)
+            self.last_metrics_step = self.progress_step
 
     def on_test_epoch_end(self) -> None:
         self.last_metrics.update(self._eval_epoch_end(self.test_acc, "test"))
@@ -381,13 +381,19 @@ class TestTimeSystem(L.LightningModule):
             return
         if self.trainer.is_global_zero:
             manifest = {"run_id": self.run_id, "system": type(self).__name__, "method": self.method_label,
-                        "tasks": list(self.tasks), "step": int(self.trainer.global_step)}
+                        "tasks": list(self.tasks), "step": self.progress_step}
             with atomic_dir(self.export_dir, manifest=manifest) as directory:
                 self.export(directory)
                 for callback in self.trainer.callbacks:  # e.g. RunRecord: metrics.json joins the set
                     if hasattr(callback, "on_export"):
                         callback.on_export(self.trainer, self, directory)
         self.trainer.strategy.barrier("adamerge-export")
+
+    @property
+    def progress_step(self) -> int:
+        """How far the run got, as records and manifests report it: Lightning's ``global_step`` (optimizer
+        steps); systems without an optimizer count what they read instead."""
+        return int(self.trainer.global_step)
 
     @property
     def method_label(self) -> str:

@@ -51,7 +51,7 @@ class RunRecord(Callback):
         if not accuracy:
             warnings.warn(f"{name}: no validation ran, so no {METRICS_FILE} in {directory}", stacklevel=2)
             return None
-        step, measured = int(trainer.global_step), pl_module.last_metrics_step
+        step, measured = pl_module.progress_step, pl_module.last_metrics_step
         if measured != step:
             warnings.warn(f"{name}: the last validation ran at step {measured}, the exported model is from step "
                           f"{step}; {METRICS_FILE} records the former (make max_steps a multiple of the "
