@@ -114,7 +114,7 @@ def test_reproduce_runs_every_method_from_the_offline_hub_cache_and_writes_the_t
     assert r.returncode == 0, r.stderr[-4000:]
     table = json.loads((out / "results" / "results.json").read_text())
     keys = [row["method"] for row in table["rows"]]
-    assert keys == ["zero_shot", "experts", "weight_averaging", "task_arithmetic", "ties", "pcb", "consensus_ta",
+    assert keys == ["zero_shot", "experts", "weight_averaging", "regmean", "regmean_plusplus", "fisher", "task_arithmetic", "ties", "pcb", "consensus_ta",
                     "tsv_m", "iso_c", "iso_cts", "cart", "wudi", "emr", "tall_masks", "adamerging_task", "adamerging_layer",
                     "adamerging_plusplus", "adamerging_cart", "surgery_ta", "wemoe", "ewemoe"]
     rows = {row["method"]: row for row in table["rows"]}
@@ -174,7 +174,7 @@ def test_the_defaults_are_fusionbench_s_checkpoints_and_data(tmp_path):
     assert (s.arch, s.pretrained) == ("ViT-B-32-quickgelu", "openai/clip-vit-base-patch32")
     assert s.experts["cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
     assert s.datasets["svhn"] == "ufldl-stanford/svhn:cropped_digits" and s.datasets["mnist"] == "ylecun/mnist"
-    assert s.tasks == TASKS and len(s.methods) == 21
+    assert s.tasks == TASKS and len(s.methods) == 24
     from adamerge.reproduce.published import reference
 
     assert reference("adamerging_layer", s.arch, 8) == (82.6, "FusionBench (same checkpoints)")
@@ -251,5 +251,8 @@ def test_the_published_numbers_are_those_docs_parity_gives():
         assert "(B/32 × 8): " in prose and f" {label} {FUSIONBENCH[key]['B/32×8']}" in prose
     assert "(L/14 × 8): layer-wise AdaMerging 91.0, WEMoE 93.8; TSV-M (B/32 × 8" in prose
     assert f"TSV-M (B/32 × 8, `examples/task_singular_vector/results`) {FUSIONBENCH['tsv_m']['B/32×8']}" in prose
-    assert {k: v.get("L/14×8") for k, v in FUSIONBENCH.items() if "L/14×8" in v} == {"adamerging_layer": 91.0,
-                                                                                       "wemoe": 93.8}
+    assert {k: v.get("L/14×8") for k, v in FUSIONBENCH.items() if "L/14×8" in v} == {
+        "adamerging_layer": 91.0, "wemoe": 93.8, "regmean": 90.4, "regmean_plusplus": 91.0, "fisher": 80.3}
+    b32 = " / ".join(str(FUSIONBENCH[k]["B/32×8"]) for k in ("regmean", "regmean_plusplus", "fisher"))
+    l14 = " / ".join(str(FUSIONBENCH[k]["L/14×8"]) for k in ("regmean", "regmean_plusplus", "fisher"))
+    assert f"RegMean / RegMean++ / Fisher merging (its batch estimator): {b32} (B/32 × 8), {l14} (L/14 × 8)" in prose
