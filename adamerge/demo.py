@@ -66,6 +66,7 @@ ADAPTIVE: list[tuple[str, str, str]] = [
     ("adamerging_layer", "AdaMerging (layer-wise)", "adamerging_layer.yaml"),
     ("adamerging_plusplus", "AdaMerging++ (layer-wise)", "adamerging_plusplus.yaml"),
     ("adamerging_cart", "AdaMerging+CART (layer-wise)", "adamerging_cart.yaml"),
+    ("adarank", "AdaRank+CART", "adarank.yaml"),
     ("surgery_ta", "Surgery on TA", "surgery_ta.yaml"),
     ("surgeryv2_ta", "SurgeryV2 on TA", "surgeryv2_ta.yaml"),
     ("surgery_adamerging", "Surgery on AdaMerging", "surgery_adamerging.yaml"),

@@ -42,7 +42,8 @@ METHOD_ORDER = (
     "Zero-shot", "Weight averaging", "RegMean", "RegMean++", "Fisher merging", "Task arithmetic (λ=0.3)", "Task arithmetic (λ on val)", "TIES-Merging",
     "PCB-Merging", "OPCM (continual)", "DARE-TA", "DARE-TIES", "Consensus TA", "TSV-M", "Iso-C", "Iso-CTS", "CART",
     "WUDI", "EMR-Merging (task id)", "TALL masks (task id)", "AdaMerging (task-wise)", "AdaMerging (layer-wise)",
-    "AdaMerging++ (layer-wise)", "AdaMerging+CART (layer-wise)", "Surgery on TA", "SurgeryV2 on TA", "Surgery on AdaMerging",
+    "AdaMerging++ (layer-wise)", "AdaMerging+CART (layer-wise)", "AdaRank",
+    "AdaRank+CART", "Surgery on TA", "SurgeryV2 on TA", "Surgery on AdaMerging",
     "SurgeryV2 on AdaMerging", "E-WEMoE", "WEMoE", "Individual experts",
 )
 START, END = "<!-- results:start -->", "<!-- results:end -->"

@@ -10,6 +10,8 @@ trainer's global step:
 * the system's ``diagnostics()`` (plain data from the core), drawn here:
   ``coefficients`` (AdaMerging) → ``coefficients/heatmap`` (tasks × tensors, labelled by block and
   kind, a diverging colour map centred on the initial λ over a fixed range) and ``coefficients/table``;
+  ``ranks`` (AdaRank) → ``ranks/heatmap`` (tasks × masked matrices, the kept fraction of each
+  matrix's singular components on a fixed [0, 1] scale, counts in the cells) and ``ranks/table``;
   ``routing`` (WEMoE) → ``wemoe/routing`` (per task: the mean routing weight per block and expert as a
   heatmap, the per-sample spread per expert as a box plot) and ``wemoe/routing_table``;
   ``layer_loss`` (Surgery) → ``surgery/layer_loss`` (the last step's L1 per layer, one line per task)
@@ -45,6 +47,7 @@ __all__ = [
     "diagnostics_media",
     "layer_label",
     "layer_loss_figure",
+    "rank_heatmap",
     "reference_accuracy",
     "routing_figure",
 ]
@@ -131,20 +134,11 @@ def colour_range(init_lam: float, clamp: bool) -> tuple[float, float, float]:
     return init_lam - r, float(init_lam), init_lam + r
 
 
-def coefficient_heatmap(values, tasks: Sequence[str], layers: Sequence[str], init_lam: float = 0.3, clamp: bool = True):
-    """The ``[K, L]`` coefficients as a heatmap: a column per tensor, labelled ``b3 attn.in_proj_w``
-    (blocks also named above and separated by lines), colours ``RdBu_r`` centred on ``init_lam``."""
-    from matplotlib.colors import TwoSlopeNorm
-
-    values = values.float().numpy() if hasattr(values, "numpy") else values
-    k, n = values.shape
+def _label_tensor_columns(ax, layers: Sequence[str]) -> None:
+    """Label a heatmap's columns by tensor (``b3 attn.in_proj_w``), name the blocks above them and
+    separate the blocks by lines."""
+    n = len(layers)
     labelled = [layer_label(name) for name in layers]
-    fig = _figure(max(4.0, 2.5 + COLUMN_INCH * n), 2.6 + 0.3 * k)
-    ax = fig.add_subplot()
-    vmin, centre, vmax = colour_range(init_lam, clamp)
-    im = ax.imshow(values, aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                   norm=TwoSlopeNorm(vcenter=centre, vmin=vmin, vmax=vmax))
-    ax.set_yticks(range(k), labels=list(tasks))
     ax.set_xticks(range(n), labels=[kind if b is None else f"b{b} {kind}" for b, kind in labelled],
                   rotation=90, fontsize=LABEL_PT)
     blocks = [b for b, _ in labelled]
@@ -154,8 +148,47 @@ def coefficient_heatmap(values, tasks: Sequence[str], layers: Sequence[str], ini
     top = ax.secondary_xaxis("top")
     centres = [(s + next((e for e in range(s, n) if blocks[e] != blocks[s]), n) - 1) / 2 for s in starts]
     top.set_xticks(centres, labels=[f"block {blocks[s]}" for s in starts], fontsize=LABEL_PT + 1)
+
+
+def coefficient_heatmap(values, tasks: Sequence[str], layers: Sequence[str], init_lam: float = 0.3, clamp: bool = True):
+    """The ``[K, L]`` coefficients as a heatmap: a column per tensor, labelled ``b3 attn.in_proj_w``
+    (blocks also named above and separated by lines), colours ``RdBu_r`` centred on ``init_lam``."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    values = values.float().numpy() if hasattr(values, "numpy") else values
+    k, n = values.shape
+    fig = _figure(max(4.0, 2.5 + COLUMN_INCH * n), 2.6 + 0.3 * k)
+    ax = fig.add_subplot()
+    vmin, centre, vmax = colour_range(init_lam, clamp)
+    im = ax.imshow(values, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   norm=TwoSlopeNorm(vcenter=centre, vmin=vmin, vmax=vmax))
+    ax.set_yticks(range(k), labels=list(tasks))
+    _label_tensor_columns(ax, layers)
     ax.set_title(f"AdaMerging coefficients λ: {k} tasks × {n} tensors (white = initial λ {init_lam:g})")
     fig.colorbar(im, ax=ax, label="λ", fraction=0.02 if n > 40 else 0.1)
+    return fig
+
+
+def rank_heatmap(values, tasks: Sequence[str], layers: Sequence[str], full: Sequence[int]):
+    """AdaRank's kept ranks ``[K, M]`` as a heatmap: a column per masked matrix (labelled as the
+    coefficients' tensors), colour = kept / min(m, n) on a fixed [0, 1] scale; counts written in the
+    cells while there are few enough columns to read them."""
+    import numpy as np
+
+    counts = np.asarray(values.float().numpy() if hasattr(values, "numpy") else values, dtype=float)
+    k, n = counts.shape
+    fraction = counts / np.asarray(full, dtype=float)[None, :]
+    fig = _figure(max(4.0, 2.5 + COLUMN_INCH * n), 2.6 + 0.3 * k)
+    ax = fig.add_subplot()
+    im = ax.imshow(fraction, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_yticks(range(k), labels=list(tasks))
+    _label_tensor_columns(ax, layers)
+    if n <= 40:
+        for (i, j), c in np.ndenumerate(counts):
+            ax.text(j, i, f"{c:.0f}", ha="center", va="center", fontsize=LABEL_PT,
+                    color="white" if fraction[i, j] < 0.5 else "black")
+    ax.set_title(f"AdaRank kept ranks: {k} tasks × {n} matrices (colour: kept / min(m, n))")
+    fig.colorbar(im, ax=ax, label="kept fraction", fraction=0.02 if n > 40 else 0.1)
     return fig
 
 
@@ -244,6 +277,11 @@ def diagnostics_media(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
                                                                  d.get("init_lam", 0.3), d.get("clamp", True)))
         out["coefficients/table"] = _table(["task", *d["layers"]],
                                            [[t, *row] for t, row in zip(d["tasks"], d["values"].tolist())])
+    if "ranks" in diagnostics:
+        d = diagnostics["ranks"]
+        out["ranks/heatmap"] = _image(rank_heatmap(d["values"], d["tasks"], d["layers"], d["full"]))
+        out["ranks/table"] = _table(["task", *d["layers"]],
+                                    [[t, *row] for t, row in zip(d["tasks"], d["values"].tolist())])
     if "routing" in diagnostics:
         d = diagnostics["routing"]
         out["wemoe/routing"] = _image(routing_figure(d["mean"], d["samples"], d["tasks"], d["experts"], d["layers"]))

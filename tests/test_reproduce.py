@@ -116,7 +116,7 @@ def test_reproduce_runs_every_method_from_the_offline_hub_cache_and_writes_the_t
     keys = [row["method"] for row in table["rows"]]
     assert keys == ["zero_shot", "experts", "weight_averaging", "regmean", "regmean_plusplus", "fisher", "task_arithmetic", "ties", "pcb", "consensus_ta",
                     "tsv_m", "iso_c", "iso_cts", "cart", "wudi", "emr", "tall_masks", "adamerging_task", "adamerging_layer",
-                    "adamerging_plusplus", "adamerging_cart", "surgery_ta", "wemoe", "ewemoe"]
+                    "adamerging_plusplus", "adamerging_cart", "adarank", "surgery_ta", "wemoe", "ewemoe"]
     rows = {row["method"]: row for row in table["rows"]}
     for task in ("eurosat", "mnist"):  # the numbers are the models' on the cached test images
         i = TASKS.index(task)
@@ -174,7 +174,7 @@ def test_the_defaults_are_fusionbench_s_checkpoints_and_data(tmp_path):
     assert (s.arch, s.pretrained) == ("ViT-B-32-quickgelu", "openai/clip-vit-base-patch32")
     assert s.experts["cars"] == "tanganke/clip-vit-base-patch32_stanford-cars"
     assert s.datasets["svhn"] == "ufldl-stanford/svhn:cropped_digits" and s.datasets["mnist"] == "ylecun/mnist"
-    assert s.tasks == TASKS and len(s.methods) == 24
+    assert s.tasks == TASKS and len(s.methods) == 25
     from adamerge.reproduce.published import reference
 
     assert reference("adamerging_layer", s.arch, 8) == (82.6, "FusionBench (same checkpoints)")
@@ -225,7 +225,8 @@ PARITY_ROWS = {"Individual experts": ("experts",), "Weight averaging": ("weight_
                "Surgery on TA / LW-AdaMerging": ("surgery_ta", None), "WEMoE": ("wemoe",),
                "E-WEMoE (90 % pruned)": ("ewemoe",), "Consensus TA": ("consensus_ta",), "TSV-M": ("tsv_m",),
                "Iso-C": ("iso_c",), "Iso-CTS": ("iso_cts",), "CART": ("cart",), "WUDI": ("wudi",),
-               "EMR-Merging (task id)": ("emr",), "AdaMerging + CART (layer-wise)": ("adamerging_cart",)}
+               "EMR-Merging (task id)": ("emr",), "AdaMerging + CART (layer-wise)": ("adamerging_cart",),
+               "AdaRank on CART": ("adarank",)}
 
 
 def test_the_published_numbers_are_those_docs_parity_gives():

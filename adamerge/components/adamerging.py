@@ -48,7 +48,7 @@ from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
-__all__ = ["AdaMergingModel", "Granularity", "stack_task_vectors"]
+__all__ = ["AdaMergingModel", "FusedMerge", "Granularity", "direction_spec", "stack_task_vectors"]
 
 
 def stack_task_vectors(
@@ -77,7 +77,7 @@ def stack_task_vectors(
     return out
 
 
-class _FusedMerge(torch.autograd.Function):
+class FusedMerge(torch.autograd.Function):
     """θ^l = θ_0^l + λ[:, l] · T[:, slice_l] for all tensors l, as a single autograd node.
 
     Forward: task-wise one matrix-vector product over the flat ``[K, N]`` stack (float32 storage),
@@ -116,7 +116,7 @@ class _FusedMerge(torch.autograd.Function):
         return (grad.to(lam.dtype), None, None, None, *([None] * len(grads)))
 
 
-def _direction_spec(directions: str | Mapping[str, Any]) -> dict[str, Any]:
+def direction_spec(directions: str | Mapping[str, Any]) -> dict[str, Any]:
     """``{"method": name, **arguments}`` from a name or a mapping (errors name the option)."""
     if isinstance(directions, str):
         return {"method": directions}
@@ -190,7 +190,7 @@ class AdaMergingModel(nn.Module):
                 "would never move; use an init_lam in [0, 1] or clamp: false"
             )
         task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        self.directions = _direction_spec(directions)
+        self.directions = direction_spec(directions)
         encoder, theta0 = pool.encoder, pool.pretrained_state()
         check_compatible(encoder.state_dict(), theta0, name="pretrained state dict")
         check_finite(theta0, name="pretrained state dict")
@@ -272,7 +272,7 @@ class AdaMergingModel(nn.Module):
         lam = self.lambdas.clamp(0.0, 1.0) if self.clamp else self.lambdas
         bases = [theta0[k] for k in self.layer_names]
         with torch.autocast(self.task_vectors.device.type, enabled=False):
-            merged = _FusedMerge.apply(lam, self.task_vectors, self._sizes, self._shapes, *bases)
+            merged = FusedMerge.apply(lam, self.task_vectors, self._sizes, self._shapes, *bases)
         return dict(zip(self.layer_names, merged))
 
     def merged_state_dict(self) -> dict[str, Tensor]:

@@ -107,6 +107,7 @@ METHODS: tuple[Method, ...] = (
     Method("adamerging_layer", "AdaMerging (layer-wise)", configs=("adamerging_official.yaml",)),
     Method("adamerging_plusplus", "AdaMerging++ (layer-wise)", configs=("adamerging_plusplus_official.yaml",)),
     Method("adamerging_cart", "AdaMerging+CART (layer-wise)", configs=("adamerging_cart_official.yaml",)),
+    Method("adarank", "AdaRank+CART", configs=("adarank_official.yaml",)),
     Method("surgery_ta", "Surgery on TA", configs=("surgery_official.yaml",)),
     Method("wemoe", "WEMoE", configs=("wemoe_published.yaml",)),
     Method("ewemoe", "E-WEMoE", configs=("ewemoe_published.yaml",)),

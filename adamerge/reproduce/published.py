@@ -33,6 +33,7 @@ PAPER: dict[str, dict[str, float]] = {
     "adamerging_layer": {"B/32×8": 80.1, "L/14×8": 90.8},
     "adamerging_plusplus": {"B/32×8": 81.1, "L/14×8": 91.0},
     "adamerging_cart": {"B/32×8": 85.8, "B/32×14": 82.3, "B/32×20": 82.7},
+    "adarank": {"B/32×8": 89.2},
     "surgery_ta": {"B/32×8": 80.9, "L/14×8": 89.0},
     "wemoe": {"B/32×8": 89.4, "L/14×8": 93.6},
     "ewemoe": {"B/32×8": 89.2, "L/14×8": 93.5},
