@@ -48,7 +48,8 @@ from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
-__all__ = ["AdaMergingModel", "FusedMerge", "Granularity", "direction_spec", "stack_task_vectors"]
+__all__ = ["AdaMergingModel", "FusedMerge", "Granularity", "LearnedMerge", "direction_spec", "load_directions",
+           "stack_task_vectors"]
 
 
 def stack_task_vectors(
@@ -148,7 +149,49 @@ class _TensorSource:
             yield task, self.task_vector(task)
 
 
-class AdaMergingModel(nn.Module):
+class LearnedMerge(nn.Module):
+    """A frozen encoder (``self.encoder``, weights in non-persistent buffers) run on the weights that
+    ``merged_parameters()`` builds from a few learnable tensors (AdaMerging's λ, AdaRank's λ and masks)."""
+
+    encoder: nn.Module
+
+    def merged_parameters(self) -> dict[str, Tensor]:
+        """The merged float tensors by name, differentiable in the learnable parameters."""
+        raise NotImplementedError
+
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """The full merged state dict (non-float buffers passed through), detached, on CPU."""
+        with torch.no_grad():
+            merged = self.merged_parameters()
+        return {key: merged.get(key, value).detach().cpu().clone() for key, value in self.encoder.named_buffers()}
+
+    def forward(self, images: Tensor) -> Tensor:
+        return functional_call(self.encoder, self.merged_parameters(), (images,))
+
+    def train(self, mode: bool = True) -> LearnedMerge:
+        """Only the merge's own parameters learn: the encoder stays in eval mode (no dropout, frozen norms)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+
+def load_directions(
+    pool, tasks: Sequence[str] | None, directions: str | Mapping[str, Any],
+) -> tuple[list[str], dict[str, Any], dict[str, Tensor], Sequence[Mapping[str, Tensor]]]:
+    """(task names, the directions spec, origin, [d_1..d_K]) for a learned merge on ``pool``: θ_0 checked
+    against the encoder, then :func:`~adamerge.merging.dispatch.merge_directions` of the named base."""
+    task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
+    spec = direction_spec(directions)
+    encoder, theta0 = pool.encoder, pool.pretrained_state()
+    check_compatible(encoder.state_dict(), theta0, name="pretrained state dict")
+    check_finite(theta0, name="pretrained state dict")
+    del theta0
+    args = dict(spec)
+    origin, dirs = merge_directions(pool, args.pop("method"), tasks=task_names, **args)
+    return list(task_names), spec, origin, dirs
+
+
+class AdaMergingModel(LearnedMerge):
     """The encoder with weights θ_0 + Σ_k λ_k τ_k, differentiable in the coefficients λ.
 
     Args:
@@ -189,14 +232,8 @@ class AdaMergingModel(nn.Module):
                 f"init_lam {init_lam} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
                 "would never move; use an init_lam in [0, 1] or clamp: false"
             )
-        task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        self.directions = direction_spec(directions)
-        encoder, theta0 = pool.encoder, pool.pretrained_state()
-        check_compatible(encoder.state_dict(), theta0, name="pretrained state dict")
-        check_finite(theta0, name="pretrained state dict")
-        del theta0
-        spec = dict(self.directions)
-        origin, task_vectors = merge_directions(pool, spec.pop("method"), tasks=task_names, **spec)
+        task_names, self.directions, origin, task_vectors = load_directions(pool, tasks, directions)
+        encoder = pool.encoder
         reference = {k: v for k, v in origin.items() if is_mergeable(v)}
         if not reference:
             raise MergeError("the encoder has no floating-point tensors to merge")
@@ -274,21 +311,3 @@ class AdaMergingModel(nn.Module):
         with torch.autocast(self.task_vectors.device.type, enabled=False):
             merged = FusedMerge.apply(lam, self.task_vectors, self._sizes, self._shapes, *bases)
         return dict(zip(self.layer_names, merged))
-
-    def merged_state_dict(self) -> dict[str, Tensor]:
-        """The full merged state dict (non-float buffers passed through), detached, on CPU."""
-        with torch.no_grad():
-            merged = self.merged_parameters()
-        out = {}
-        for key, value in self.encoder.named_buffers():
-            out[key] = merged.get(key, value).detach().cpu().clone()
-        return out
-
-    def forward(self, images: Tensor) -> Tensor:
-        return functional_call(self.encoder, self.merged_parameters(), (images,))
-
-    def train(self, mode: bool = True) -> AdaMergingModel:
-        """Only λ learns: the encoder stays in eval mode (no dropout, frozen norms)."""
-        super().train(mode)
-        self.encoder.eval()
-        return self

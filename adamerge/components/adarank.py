@@ -46,12 +46,10 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from adamerge.components.adamerging import FusedMerge, direction_spec, stack_task_vectors
+from adamerge.components.adamerging import FusedMerge, LearnedMerge, load_directions, stack_task_vectors
 from adamerge.components.frozen import freeze_as_buffers
 from adamerge.merging.cart import cart_lowrank_key
-from adamerge.merging.dispatch import merge_directions
 from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.registry import LABELS
 from adamerge.merging.task_vectors import (
@@ -143,7 +141,7 @@ def _rank(full: int, ratio: float) -> int:
     return full if ratio >= 1.0 else max(1, int(ratio * full))
 
 
-class AdaRankModel(nn.Module):
+class AdaRankModel(LearnedMerge):
     """The encoder with weights o + Σ_k λ_k U_k diag(σ_k ⊙ m_k) V_kᵀ, learnable in λ and the mask logits.
 
     Args:
@@ -188,14 +186,8 @@ class AdaRankModel(nn.Module):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
         storage = dtype_named(svd_dtype, "svd_dtype", ("float32", "bfloat16"))
         _check_options(init_lam, clamp, mask_temp, initial_rank_ratio, split_qkv, max_rank_ratio)
-        task_names = pool.check_tasks(pool.tasks if tasks is None else tasks)
-        self.directions = direction_spec(directions)
-        encoder, theta0 = pool.encoder, pool.pretrained_state()
-        check_compatible(encoder.state_dict(), theta0, name="pretrained state dict")
-        check_finite(theta0, name="pretrained state dict")
-        del theta0
-        spec = dict(self.directions)
-        origin, dirs = merge_directions(pool, spec.pop("method"), tasks=task_names, **spec)
+        task_names, self.directions, origin, dirs = load_directions(pool, tasks, directions)
+        encoder = pool.encoder
         reference = {k: v for k, v in origin.items() if is_mergeable(v)}
         num_tasks = len(dirs)
         self.task_names, self.granularity, self.clamp = list(task_names), granularity, bool(clamp)
@@ -368,21 +360,6 @@ class AdaRankModel(nn.Module):
                                         *[bases[key] for key in self._dense])
                 merged.update(zip(self._dense, out))
         return {key: merged[key] for key in self.layer_names}
-
-    def merged_state_dict(self) -> dict[str, Tensor]:
-        """The full merged state dict with the hard masks (non-float buffers passed through), detached, on CPU."""
-        with torch.no_grad():
-            merged = self.merged_parameters()
-        return {key: merged.get(key, value).detach().cpu().clone() for key, value in self.encoder.named_buffers()}
-
-    def forward(self, images: Tensor) -> Tensor:
-        return functional_call(self.encoder, self.merged_parameters(), (images,))
-
-    def train(self, mode: bool = True) -> AdaRankModel:
-        """Only λ and the masks learn: the encoder stays in eval mode (no dropout, frozen norms)."""
-        super().train(mode)
-        self.encoder.eval()
-        return self
 
 
 def _check_options(init_lam, clamp, mask_temp, initial_rank_ratio, split_qkv, max_rank_ratio) -> None:
