@@ -22,6 +22,8 @@ UNIT_SCALE = {  # the static merge at the scale where it equals origin + Σ_k d_
     "ties": ({"keep": 0.3}, {"keep": 0.3, "merge": "sum", "lam": 1.0}),
     "cart": ({"rank_ratio": 0.25}, {"rank_ratio": 0.25, "lam": 1.0}),
     "tsv_m": ({}, {"lam": 1.0}),
+    "dare_ta": ({"drop": 0.4, "seed": 3}, {"drop": 0.4, "seed": 3, "lam": 1.0}),
+    "consensus_ta": ({"k": 2, "lam": 0.5}, {"k": 2, "lam": 0.5, "alpha": 1.0}),
 }
 
 

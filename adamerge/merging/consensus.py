@@ -45,11 +45,12 @@ from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus, float_keys
 from adamerge.merging.conditioned import TaskConditionedMerge, register_conditioned
-from adamerge.merging.registry import TaskVectorSource, register_method
+from adamerge.merging.registry import TaskVectorSource, register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector, check_finite, running_sum
 from adamerge.merging.ties import MERGE_FUNCS, ties_merge
 
-__all__ = ["consensus_mask", "consensus_ta", "consensus_ta_pool", "consensus_ties", "tall_mask_merge", "tall_masks"]
+__all__ = ["consensus_mask", "consensus_ta", "consensus_ta_directions", "consensus_ta_pool", "consensus_ties",
+           "tall_mask_merge", "tall_masks"]
 
 Stream = Callable[[], Iterable[StateDict]]  # a fresh pass over the task vectors each call
 
@@ -187,6 +188,23 @@ def consensus_ta(
     k, alpha, lams = _check_k(k), check_lam(alpha, name="alpha"), _lams(lam, len(taus))
     merged, _ = running_sum(taus)
     return _consensus(pretrained, lambda: taus, merged, k, lams, alpha)
+
+
+@register_directions("consensus_ta", presets={"official": {"k": 2}})
+def consensus_ta_directions(
+    pretrained: StateDict, taus: Sequence[StateDict], k: int = 2, lam: float | Sequence[float] = 0.6,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """(θ_0, [m ⊙ τ_1 .. m ⊙ τ_K]) with m the consensus mask: Consensus TA = θ_0 + α Σ_t m ⊙ τ_t.
+
+    Args:
+        pretrained: θ_0.
+        taus: the task vectors τ_1..τ_K.
+        k: keep entries claimed by at least k tasks' TALL masks, >= 0 (authors: 2).
+        lam: TALL-mask λ >= 0 for all tasks, or one λ_t per task.
+    """
+    taus = check_taus(taus)
+    mask = consensus_mask(tall_masks(pretrained, taus, lam=lam), k=k)
+    return dict(pretrained), [{key: t[key] * mask[key] if key in mask else t[key].clone() for key in t} for t in taus]
 
 
 @register_method("consensus_ta", pool_level=True, label="Consensus TA", presets={

@@ -34,11 +34,11 @@ from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus
 from adamerge.merging.dare import dare_each
-from adamerge.merging.registry import TaskVectorSource, register_method
+from adamerge.merging.registry import TaskVectorSource, register_directions, register_method
 from adamerge.merging.task_vectors import StateDict, add_task_vector, running_sum
 from adamerge.merging.ties import ties_merge
 
-__all__ = ["dare_task_arithmetic", "dare_task_arithmetic_pool", "dare_ties_merge", "dare_ties_pool"]
+__all__ = ["dare_ta_directions", "dare_task_arithmetic", "dare_task_arithmetic_pool", "dare_ties_merge", "dare_ties_pool"]
 
 
 def _dare_sum(taus: Iterable[StateDict], drop: float, seed: int) -> dict[str, Tensor]:
@@ -81,6 +81,9 @@ _TA_PRESETS = {
 }
 
 
+_TA_PRESETS_DROP = {name: {k: v for k, v in p.items() if k != "lam"} for name, p in _TA_PRESETS.items()}
+
+
 @register_method("dare_ta", pool_level=True, label="DARE-TA", presets=_TA_PRESETS)
 def dare_task_arithmetic_pool(
     pool: TaskVectorSource, tasks: Sequence[str] | None = None, drop: float = 0.5, lam: float = 0.3,
@@ -110,6 +113,23 @@ def _checked(pool: TaskVectorSource, tasks: Sequence[str] | None, pretrained: St
             first = False
         yield tau
         del tau
+
+
+@register_directions("dare_ta", pool_level=True, presets=_TA_PRESETS_DROP)
+def dare_ta_directions(
+    pool: TaskVectorSource, tasks: Sequence[str] | None = None, drop: float = 0.5, seed: int = 0,
+) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
+    """(θ_0, [DARE_p(τ_1) .. DARE_p(τ_K)]): DARE-TA = θ_0 + λ Σ_k DARE_p(τ_k), drawn as :func:`dare_task_arithmetic`.
+
+    Args:
+        pool: the model pool.
+        tasks: the tasks, in this order (it fixes which τ_k gets which draw of the generator).
+        drop: DARE drop rate p in [0, 1).
+        seed: seed of the DARE masks.
+    """
+    drop = check_ratio(drop, "dare drop rate", allow_zero=True, allow_one=False)
+    pretrained = pool.pretrained_state()
+    return pretrained, list(dare_each(_checked(pool, tasks, pretrained), drop=drop, seed=seed))
 
 
 _TIES_PRESETS = {
