@@ -367,3 +367,14 @@ def test_is_path_tells_files_from_names(tmp_path, monkeypatch):
     assert ck.is_path(tmp_path / "missing") and ck.is_path("a/b") and ck.is_path("last.ckpt")
     assert ck.is_path("m.safetensors") and ck.is_path("m.pth") and ck.is_path("openai")  # an existing folder
     assert not ck.is_path("laion2b_s34b_b79k") and not ck.is_path("task_arithmetic") and not ck.is_path(None)
+
+
+def test_a_module_prefix_is_stripped_only_when_every_key_has_it(tmp_path):
+    # a DDP dict prefixes every key; a dict where only some keys carry "module." is not one, and stripping
+    # those (any() instead of all()) would load a mixed-up checkpoint without a word
+    clip = make_tiny_clip(seed=1)
+    items = list(clip.visual.state_dict().items())
+    mixed = {(f"module.{k}" if i % 2 else k): v for i, (k, v) in enumerate(items)}
+    path = save_state_dict(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(CheckpointError, match="is missing key"):
+        load_visual_state(path, reference=_visual_sd(make_tiny_clip(seed=5)))
