@@ -92,7 +92,7 @@ def test_errors_name_the_expert_and_key():
         fisher_merge(states, [fishers[0], {**fishers[1], "w": -fishers[1]["w"]}, fishers[2]], names=names)
     with pytest.raises(MergeError, match="Fisher of expert 'c': key 'w' has shape"):
         fisher_merge(states, [fishers[0], fishers[1], {**fishers[2], "w": fishers[2]["w"][:2]}], names=names)
-    with pytest.raises(MergeError, match="Fisher of expert 'b' lacks key 'b', unlike that of expert 'a'"):
+    with pytest.raises(MergeError, match="Fisher of expert 'b': has no key 'b', unlike that of expert 'a'"):
         fisher_merge(states, [fishers[0], {"w": fishers[1]["w"]}, fishers[2]], names=names)
     with pytest.raises(MergeError, match="key 'step' is not a float key"):
         fisher_merge(states, [{**f, "step": torch.ones(())} for f in fishers], names=names)

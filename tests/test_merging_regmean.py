@@ -103,7 +103,7 @@ def test_errors_name_the_key_and_the_task():
     with pytest.raises(MergeError, match="lin.weight: the sum of the Gram matrices is singular"):
         regmean_solve(weights, rank_one, alpha=1.0, key="lin.weight")
     states = [{"lin.weight": w} for w in weights]
-    with pytest.raises(MergeError, match="of expert 'b' have key 'other.weight', unlike those of expert 'a'"):
+    with pytest.raises(MergeError, match="Gram matrices of expert 'b': has key 'other.weight' it should not, unlike that of expert 'a'"):
         regmean_merge(states, [{"lin.weight": grams[0]}, {"other.weight": grams[1]}, {"lin.weight": grams[2]}],
                       names=["a", "b", "c"])
     with pytest.raises(MergeError, match="key 'nope.weight', which the experts' state dicts do not have"):

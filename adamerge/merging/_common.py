@@ -108,3 +108,16 @@ def is_linear_weight(key: str, tensor: Tensor) -> bool:
     FusionBench where only ``nn.Linear`` modules are projected.
     """
     return is_mergeable(tensor) and tensor.dim() == 2 and key.endswith("weight") and "embed" not in key
+
+
+def check_same_keys(dicts: Sequence[Mapping[str, object]], names: Sequence[str], what: str) -> list[str]:
+    """The keys of ``dicts[0]``; every other one must have exactly them, else a :class:`MergeError` naming
+    the expert and the first extra or missing key (``what``: "the Fisher", "the Gram matrices", …).
+    """
+    keys = list(dicts[0])
+    for name, d in zip(names, dicts):
+        extra, missing = sorted(set(d) - set(keys)), sorted(set(keys) - set(d))
+        if extra or missing:
+            how = f"key {extra[0]!r} it should not" if extra else f"no key {missing[0]!r}"
+            raise MergeError(f"{what} of expert {name!r}: has {how}, unlike that of expert {names[0]!r}")
+    return keys

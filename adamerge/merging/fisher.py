@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from adamerge.merging._common import check_taus
+from adamerge.merging._common import check_same_keys, check_taus
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, linear_combination
 
 __all__ = ["SMOOTHINGS", "fisher_merge", "fisher_norm"]
@@ -70,12 +70,8 @@ def fisher_merge(states: Sequence[StateDict], fishers: Sequence[Mapping[str, Ten
     weights = [1.0 / k] * k if coefficients is None else [float(c) for c in coefficients]
     if len(weights) != k or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise MergeError(f"coefficients must be {k} finite numbers >= 0, not all 0, got {coefficients!r}")
-    keys = list(fishers[0])
+    keys = check_same_keys(fishers, names, "the Fisher")
     for name, fisher in zip(names, fishers):
-        extra, missing = sorted(set(fisher) - set(keys)), sorted(set(keys) - set(fisher))
-        if extra or missing:
-            what = f"has key {extra[0]!r}" if extra else f"lacks key {missing[0]!r}"
-            raise MergeError(f"the Fisher of expert {name!r} {what}, unlike that of expert {names[0]!r}")
         check_finite(fisher, name=f"Fisher of expert {name!r}")
         for key, f in fisher.items():
             if key not in states[0] or not states[0][key].is_floating_point():

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from adamerge.merging._common import check_ratio, check_taus
+from adamerge.merging._common import check_ratio, check_same_keys, check_taus
 from adamerge.merging.task_vectors import MergeError, StateDict, linear_combination
 
 __all__ = ["reduce_non_diagonal", "regmean_merge", "regmean_solve"]
@@ -112,12 +112,7 @@ def regmean_merge(states: Sequence[StateDict], grams: Sequence[Mapping[str, Tens
     names = [str(n) for n in (names if names is not None else range(len(states)))]
     if len(grams) != len(states) or len(names) != len(states):
         raise MergeError(f"got {len(states)} experts, {len(grams)} sets of Gram matrices and {len(names)} names")
-    keys = list(grams[0])
-    for name, g in zip(names, grams):
-        extra, missing = sorted(set(g) - set(keys)), sorted(set(keys) - set(g))
-        if extra or missing:
-            what = f"have key {extra[0]!r}" if extra else f"lack key {missing[0]!r}"
-            raise MergeError(f"the Gram matrices of expert {name!r} {what}, unlike those of expert {names[0]!r}")
+    keys = check_same_keys(grams, names, "the Gram matrices")
     for key in keys:
         if key not in states[0]:
             raise MergeError(f"Gram matrix for key {key!r}, which the experts' state dicts do not have")
