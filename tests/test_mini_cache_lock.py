@@ -29,7 +29,7 @@ from adamerge.data.mini.cache import (
     verify_entry,
 )
 
-RACE_WORKERS, RACE_ROUNDS = 3, 5
+RACE_WORKERS, RACE_ROUNDS = 3, 3
 
 
 # ---- race: several processes build one key at once ------------------------------------------------
