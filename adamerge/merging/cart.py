@@ -105,7 +105,7 @@ def _prepare(
     return layout, pre, taus, rank_ratio, test
 
 
-@register_method("cart", label="CART", presets={
+@register_method("cart", per_tensor=True, label="CART", presets={
     # JH-GEECS/CART configs/CART/ViT-b-32_{8,14,20}_CART.yaml (prior, initial_rank_ratio); published
     # ViT-B/32: 84.7 / 79.5 / 76.3
     # (their open_clip encoder: one SVD of the fused in_proj_weight, hence split_qkv False)

@@ -207,7 +207,7 @@ def consensus_ta_directions(
     return dict(pretrained), [{key: t[key] * mask[key] if key in mask else t[key].clone() for key in t} for t in taus]
 
 
-@register_method("consensus_ta", pool_level=True, label="Consensus TA", presets={
+@register_method("consensus_ta", per_tensor=True, pool_level=True, label="Consensus TA", presets={
     # nik-dim/tall_masks config/method/consensus.yaml (prun_thre_k: 2, use_ties: false); λ_t and α
     # are chosen on validation there, so the defaults (lam 0.6, alpha 0.3) fill them in
     "official": {"k": 2},

@@ -11,16 +11,26 @@ models), the others need the list of all of them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from adamerge.merging.registry import DIRECTION_PRESETS, DIRECTIONS, METHODS, PRESETS, TaskVectorSource
+from adamerge.merging.registry import (
+    DIRECTION_PRESETS,
+    DIRECTIONS,
+    METHODS,
+    PER_TENSOR,
+    PRESETS,
+    STREAMING,
+    TaskVectorSource,
+    TensorStream,
+)
 from adamerge.merging.task_vectors import MergeError
 
-__all__ = ["METHODS", "TaskVectorSource", "call_registered", "merge_directions", "merge_pool"]
+__all__ = ["METHODS", "TaskVectorSource", "call_registered", "merge_directions", "merge_pool", "merge_stream",
+           "out_of_core"]
 
 
 @torch.no_grad()
@@ -64,6 +74,55 @@ def merge_directions(
         **kwargs: the method's direction arguments (``keep`` for ties, ``rank_ratio`` for cart …).
     """
     return call_registered(DIRECTIONS, DIRECTION_PRESETS, "directions method", method, pool, tasks, preset, kwargs)
+
+
+def out_of_core(method: str) -> str | None:
+    """How ``method`` merges out of core: ``"exact passes"`` (a streaming version reads the stream
+    several times for its whole-model statistics), ``"per tensor"`` (each tensor's merge reads that
+    tensor alone), or None (it needs the whole model in memory)."""
+    if method in STREAMING:
+        return "exact passes"
+    return "per tensor" if method in PER_TENSOR else None
+
+
+class _OneTensor:
+    """One tensor of a stream as a pool: what a per-tensor method reads to merge it."""
+
+    def __init__(self, stream: TensorStream, key: str) -> None:
+        self.stream, self.key = stream, key
+
+    def pretrained_state(self) -> dict[str, Tensor]:
+        return {self.key: self.stream.pretrained_tensor(self.key)}
+
+    def task_vectors(self, tasks: Sequence[str] | None = None):
+        for task in self.stream.check_tasks(tasks):
+            yield task, {self.key: self.stream.task_vector_tensor(task, self.key)}
+
+
+@torch.no_grad()
+def merge_stream(
+    stream: TensorStream, method: str, tasks: Sequence[str] | None = None, preset: str | None = None,
+    **kwargs: Any,
+) -> Iterator[tuple[str, Tensor]]:
+    """Merge out of core: yields ``(key, merged θ[key])`` for each of ``stream.merge_keys()`` in order,
+    holding one tensor of θ_0 and of each expert at a time. The result is :func:`merge_pool` on the
+    same weights exactly, for the methods :func:`out_of_core` names; any other is a
+    :class:`MergeError` (merge it in memory).
+
+    Args: as :func:`merge_pool`, with a :class:`~adamerge.merging.registry.TensorStream` for the pool.
+    """
+    tasks = stream.check_tasks(tasks)
+    kind = out_of_core(method)
+    if method in METHODS and kind is None:
+        raise MergeError(f"merging method {method!r} needs a whole-model statistic and has no out-of-core version: "
+                         "merge it in memory")
+    if kind == "exact passes":
+        yield from call_registered(STREAMING, PRESETS, "merging method", method, stream, tasks, preset, kwargs)
+        return
+    for key in stream.merge_keys():
+        merged = call_registered(METHODS, PRESETS, "merging method", method, _OneTensor(stream, key), tasks, preset,
+                                 kwargs)
+        yield key, merged[key]
 
 
 def call_registered(table: dict, presets: dict, kind: str, name: str, pool: TaskVectorSource,

@@ -148,7 +148,7 @@ def _merge(
     return add_task_vector(pretrained, merged, lam)
 
 
-@register_method("iso_c", label="Iso-C", presets={
+@register_method("iso_c", per_tensor=True, label="Iso-C", presets={
     # the authors' open_clip code: one SVD of the fused in_proj_weight (split_qkv False)
     "official": {"lam": 1.0, "split_qkv": False},  # ViT-B/32, 8 tasks
     "vit_b16": {"lam": 1.4, "split_qkv": False},
@@ -177,7 +177,7 @@ def iso_c(
     return _merge(pretrained, taus, lam, iso_c_weight, is_matrix, device)
 
 
-@register_method("iso_cts", label="Iso-CTS", presets={
+@register_method("iso_cts", per_tensor=True, label="Iso-CTS", presets={
     "official": {"common_space_fraction": 0.8, "lam": 1.0, "split_qkv": False},  # ViT-B/32, 8 tasks
     "vit_b16": {"common_space_fraction": 0.8, "lam": 1.4, "split_qkv": False},
     "vit_l14": {"common_space_fraction": 0.8, "lam": 1.5, "split_qkv": False},

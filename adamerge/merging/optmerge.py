@@ -182,7 +182,7 @@ def _check_args(variant: str, lr, momentum, iters) -> _Variant:
     return spec
 
 
-@register_method("optmerge", label="OptMerge", presets={
+@register_method("optmerge", per_tensor=True, label="OptMerge", presets={
     # the authors' CLIP-ViT port (fusion_bench/config/method/yongxianwei_merging/wudi2.yaml): the default
     "clip": {"variant": "clip", "lr": 1e-5, "iters": 300, "lam": 1.0},
     # their Qwen2-VL script (LLaMA-Factory/model_merging.py, merge_models defaults)

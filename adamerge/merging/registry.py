@@ -25,8 +25,8 @@ from torch import Tensor
 from adamerge.merging.task_vectors import running_sum
 
 __all__ = [
-    "DIRECTIONS", "DIRECTION_PRESETS", "LABELS", "METHODS", "PRESETS", "TaskVectorSource", "register_directions",
-    "register_method", "streamed_sum",
+    "DIRECTIONS", "DIRECTION_PRESETS", "LABELS", "METHODS", "PER_TENSOR", "PRESETS", "STREAMING", "TaskVectorSource",
+    "TensorStream", "register_directions", "register_method", "register_streaming", "streamed_sum",
 ]
 
 MergeFn = Callable[..., dict[str, Tensor]]
@@ -38,6 +38,10 @@ _ORIGINS: dict[str, str] = {}
 # per-task directions a learned coefficient can scale (AdaMerging on any base, AdaRank)
 DIRECTIONS: dict[str, Callable[..., tuple[dict[str, Tensor], list[dict[str, Tensor]]]]] = {}
 DIRECTION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+# out-of-core merging (:func:`adamerge.merging.dispatch.merge_stream`): methods whose merge of a tensor
+# reads that tensor alone, and exact streaming versions of methods with a whole-model statistic
+PER_TENSOR: set[str] = set()
+STREAMING: dict[str, Callable[..., Iterator[tuple[str, Tensor]]]] = {}
 
 
 class TaskVectorSource(Protocol):
@@ -52,6 +56,27 @@ class TaskVectorSource(Protocol):
         ...
 
 
+class TensorStream(Protocol):
+    """What out-of-core merging reads: θ_0 and the task vectors one tensor at a time (float32, on the
+    device the merge runs on), never a whole model (:class:`adamerge.models.hf_pool.HFPool`)."""
+
+    def check_tasks(self, tasks: Sequence[str] | None) -> list[str]:
+        """``tasks`` validated (None: every task, in pool order)."""
+        ...
+
+    def merge_keys(self) -> list[str]:
+        """The names of the tensors that are merged, in the order the merge visits them."""
+        ...
+
+    def pretrained_tensor(self, key: str) -> Tensor:
+        """θ_0[key]."""
+        ...
+
+    def task_vector_tensor(self, task: str, key: str) -> Tensor:
+        """τ_task[key] = θ_task[key] − θ_0[key]."""
+        ...
+
+
 def _on_pool(fn: MergeFn) -> MergeFn:
     def run(pool: TaskVectorSource, tasks: Sequence[str] | None = None, **kwargs: Any) -> dict[str, Tensor]:
         return fn(pool.pretrained_state(), [tau for _, tau in pool.task_vectors(tasks)], **kwargs)
@@ -62,7 +87,7 @@ def _on_pool(fn: MergeFn) -> MergeFn:
 
 def register_method(
     name: str, pool_level: bool = False, label: str | None = None,
-    presets: dict[str, dict[str, Any]] | None = None,
+    presets: dict[str, dict[str, Any]] | None = None, per_tensor: bool = False,
 ) -> Callable[[MergeFn], MergeFn]:
     """Register a static merge under ``name`` (returns the function unchanged).
 
@@ -73,6 +98,9 @@ def register_method(
         label: the short name results tables use for a model built on this merge (default ``name``).
         presets: named official settings, ``{"paper": {"merge": "mean", "lam": 1.0}}``: the arguments
             of one published run each (``merge_pool(pool, name, preset="paper")``; docs/parity.md).
+        per_tensor: the merged value of each tensor depends on that tensor of θ_0 and the experts
+            alone (no whole-model statistic): out-of-core merging runs the method one tensor at a time
+            and the result is the whole-model merge exactly (tests/test_hf_merge.py checks each).
     """
 
     def decorate(fn: MergeFn) -> MergeFn:
@@ -82,6 +110,24 @@ def register_method(
         METHODS[name], _ORIGINS[name] = (fn if pool_level else _on_pool(fn)), origin
         LABELS[name] = label or name
         PRESETS[name] = {k: dict(v) for k, v in (presets or {}).items()}
+        if per_tensor:
+            PER_TENSOR.add(name)
+        return fn
+
+    return decorate
+
+
+def register_streaming(name: str) -> Callable[[Callable], Callable]:
+    """Register the exact out-of-core version of the method ``name``, one that needs a whole-model
+    statistic (TIES' per-task magnitude threshold) and so reads the stream in several passes.
+
+    The function takes ``(stream, tasks, **kwargs)`` (a :class:`TensorStream`, the validated task
+    list, the method's arguments) and yields ``(key, merged θ[key])`` for every key of
+    ``stream.merge_keys()``, in that order.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        STREAMING[name] = fn
         return fn
 
     return decorate

@@ -46,7 +46,7 @@ def task_arithmetic(
     return add_task_vector(pretrained, total, lam)
 
 
-@register_method("task_arithmetic", pool_level=True, label="TA")
+@register_method("task_arithmetic", per_tensor=True, pool_level=True, label="TA")
 def task_arithmetic_pool(
     pool: TaskVectorSource, tasks: Sequence[str] | None = None, lam: float = 0.3, dare: float | None = None,
     seed: int = 0,

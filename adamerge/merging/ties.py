@@ -108,26 +108,31 @@ def _chunks(n: int) -> Iterator[tuple[int, int]]:
         yield a, min(n, a + _CHUNK)
 
 
+def _sign(flat: Sequence[Tensor], thresholds: Sequence[float]) -> Tensor:
+    """sign(Σ_k τ_k·[|τ_k| ≥ h_k]) of one key (flat float32; 0 where the sum is 0), chunk by chunk."""
+    s = torch.zeros(flat[0].numel(), device=flat[0].device)
+    size = min(_CHUNK, s.numel())
+    mag, mask = torch.empty(size, device=s.device), torch.empty(size, device=s.device)
+    for a, b in _chunks(s.numel()):
+        m = b - a
+        for x, h in zip(flat, thresholds):
+            xc = x[a:b].float()
+            torch.abs(xc, out=mag[:m])
+            torch.ge(mag[:m], h, out=mask[:m])
+            s[a:b].addcmul_(xc, mask[:m])
+    return s.sign_()
+
+
 def _elect(taus: Sequence[StateDict], keys: Sequence[str], thresholds: Sequence[float]) -> dict[str, Tensor]:
     """γ per key (flat float32 ±1): sign(Σ_k τ_k·[|τ_k| ≥ h_k]); zero sums take the majority sign.
 
     The one election of TIES: :func:`ties_merge` and :func:`ties_preprocess` call it with the
-    trimming thresholds h_k, :func:`ties_elect_sign` with h_k = 0 on already trimmed vectors.
+    trimming thresholds h_k, :func:`ties_elect_sign` with h_k = 0 on already trimmed vectors
+    (:func:`ties_stream` runs :func:`_sign` key by key, the same arithmetic).
     """
     gamma, total = {}, 0.0
     for key in keys:
-        flat = [t[key].detach().reshape(-1) for t in taus]
-        s = torch.zeros(flat[0].numel(), device=flat[0].device)
-        size = min(_CHUNK, s.numel())
-        mag, mask = torch.empty(size, device=s.device), torch.empty(size, device=s.device)
-        for a, b in _chunks(s.numel()):
-            m = b - a
-            for x, h in zip(flat, thresholds):
-                xc = x[a:b].float()
-                torch.abs(xc, out=mag[:m])
-                torch.ge(mag[:m], h, out=mask[:m])
-                s[a:b].addcmul_(xc, mask[:m])
-        s.sign_()
+        s = _sign([t[key].detach().reshape(-1) for t in taus], thresholds)
         total += float(s.sum())
         gamma[key] = s
     majority = _majority(total)

@@ -125,7 +125,7 @@ def tsv_weight_parts(taus: Sequence[Tensor]) -> list[Tensor]:
     return [(u_orth[:, b] * sigma[b]) @ vh_orth[b] for b in blocks]
 
 
-@register_method("tsv_m", label="TSV-M", presets={
+@register_method("tsv_m", per_tensor=True, label="TSV-M", presets={
     # the authors' runs (AntoAndGar/task_singular_vectors, open_clip): one SVD of the fused q;k;v; α = 1
     # is FusionBench's value (the authors pick α on validation from 0.1..3.0)
     "official": {"lam": 1.0, "split_qkv": False},

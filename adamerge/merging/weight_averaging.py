@@ -31,7 +31,7 @@ def weight_average(states: Sequence[StateDict]) -> dict[str, Tensor]:
     return linear_combination(states, [1.0 / len(states)] * len(states))
 
 
-@register_method("weight_average", pool_level=True, label="WA")
+@register_method("weight_average", per_tensor=True, pool_level=True, label="WA")
 def weight_average_pool(pool: TaskVectorSource, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
     """Weight averaging: θ_0 + (1/K) Σ_k τ_k, the mean of the experts, from a running sum."""
     total, count = streamed_sum(pool, tasks)

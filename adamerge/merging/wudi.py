@@ -163,7 +163,7 @@ def _wudi(
 _wudi_split = splits_fused_qkv(_wudi)
 
 
-@register_method("wudi", label="WUDI", presets={
+@register_method("wudi", per_tensor=True, label="WUDI", presets={
     # nathanielyvo/WUDI-Merging vit/wudi_main.py: open_clip's fused in_proj_weight, block linears only,
     # Adam lr 1e-5, --iter 300, scaling_coef 1 (published ViT-B/32 85.2, ViT-L/14 92.6)
     "official": {"variant": "official", "split_qkv": False, "lr": 1e-5, "iters": 300, "lam": 1.0},
