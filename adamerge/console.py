@@ -1,5 +1,6 @@
 """The ``adamerge`` console script: ``adamerge reproduce ...`` (:mod:`adamerge.reproduce`, the papers'
-tables from Hub ids) or a LightningCLI run, ``adamerge {fit,validate,test,methods} ...``
+tables from Hub ids), ``adamerge merge ...`` (:mod:`adamerge.merge_cli`, one static merge of HF or
+open_clip models written to disk) or a LightningCLI run, ``adamerge {fit,validate,test,methods} ...``
 (:mod:`adamerge.cli`); either way a configuration or file error ends in one line and exit status 2."""
 
 from __future__ import annotations
@@ -19,5 +20,9 @@ def entry(args: Sequence[str] | None = None) -> None:
         from adamerge.reproduce import main as reproduce
 
         guarded(reproduce, argv[1:])
+    elif argv[:1] == ["merge"]:
+        from adamerge.merge_cli import main as merge
+
+        guarded(merge, argv[1:])
     else:
         guarded(cli_main, argv)

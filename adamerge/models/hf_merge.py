@@ -24,25 +24,27 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from adamerge.errors import AdaMergeError
 from adamerge.files import atomic_dir, sweep_temporaries
-from adamerge.merging.dispatch import merge_pool, merge_stream, out_of_core
+from adamerge.merging.dispatch import METHODS, merge_pool, merge_stream, out_of_core
 from adamerge.merging.task_vectors import MergeError
 from adamerge.models.hf_pool import HFPool
 from adamerge.models.safetensors_folder import ShardedWriter, parse_size
 
-__all__ = ["DTYPES", "check_target", "merge_hf", "model_card", "write_folder"]
+__all__ = ["DTYPES", "OutputExistsError", "check_target", "merge_hf", "model_card", "write_folder"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class OutputExistsError(AdaMergeError):
+    """The output of a merge exists and overwriting it was not asked for."""
+
+
 def _merged(pool: HFPool, method: str, tasks: Sequence[str] | None, preset: str | None, in_memory: bool,
             kwargs: dict[str, Any]) -> Iterator[tuple[str, Tensor]]:
-    if out_of_core(method) is not None and not in_memory:
+    if not in_memory:
         yield from merge_stream(pool, method, tasks, preset, **kwargs)
         return
-    if not in_memory:
-        raise MergeError(f"merging method {method!r} needs the whole model in memory (a whole-model statistic, no "
-                         "out-of-core version): pass in_memory=true (--in-memory) to merge it so")
     merged = merge_pool(pool, method, tasks, preset, **kwargs)
     for key in pool.merge_keys():
         yield key, merged.pop(key)
@@ -108,6 +110,11 @@ def merge_hf(
         progress: a progress bar over the tensors.
         **kwargs: the method's own arguments.
     """
+    if method not in METHODS:
+        raise MergeError(f"unknown merging method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    if not in_memory and out_of_core(method) is None:
+        raise MergeError(f"merging method {method!r} needs the whole model in memory (a whole-model statistic, no "
+                         "out-of-core version): pass --in_memory to merge it so")
     if dtype is not None and dtype not in DTYPES:
         raise MergeError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     check_target(out, overwrite)
@@ -126,7 +133,7 @@ def check_target(out: str | os.PathLike, overwrite: bool) -> Path:
     """``out`` as a path; an existing one is refused unless ``overwrite``."""
     target = Path(out)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists: refusing to overwrite it (pass overwrite=true / --overwrite)")
+        raise OutputExistsError(f"{target} exists: refusing to overwrite it (pass --overwrite to replace it)")
     return target
 
 
