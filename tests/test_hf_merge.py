@@ -1,0 +1,315 @@
+"""Issue #16: Hugging Face models merged out of core through ``adamerge merge``.
+
+Tiny random models built here with ``transformers`` (a 2-layer Llama, a Qwen2-VL with a 1-block vision
+tower), PEFT LoRA adapters on them, saved in small shards. Every registered method is run through the
+command, reloaded with ``from_pretrained`` and compared with :func:`merge_pool` on state dicts built
+independently here (transformers' own ``state_dict()``, PEFT's ``merge_and_unload()`` for adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from adamerge.console import entry  # noqa: E402
+from adamerge.merging.dispatch import merge_pool  # noqa: E402
+from adamerge.merging.registry import METHODS, PER_TENSOR, STREAMING  # noqa: E402
+from adamerge.merging.task_vectors import task_vector  # noqa: E402
+from adamerge.merging.ties import ties_threshold  # noqa: E402
+from adamerge.merging.ties_stream import stream_thresholds  # noqa: E402
+from adamerge.models.hf_pool import HFPool  # noqa: E402
+
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+# options that keep the slow methods quick on a tiny model without changing what they compute
+FAST = {"optmerge": {"iters": 5}, "wudi": {"iters": 5}}
+
+
+def _llama(seed: int):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+
+
+def _finetune(base, seed: int, scale: float, skip: str = "norm"):
+    """A copy of ``base`` with seeded noise on every weight but those named ``skip``; the scale differs
+    per layer so that one task vector's magnitudes differ across tensors (per-tensor TIES ≠ TIES)."""
+    m = _llama(0)
+    m.load_state_dict(base.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(m.named_parameters()):
+            if skip not in name:
+                p.add_(scale * (1 + i % 3) * torch.randn(p.shape, generator=g))
+    return m
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    base = _llama(0)
+    base.save_pretrained(root / "base", max_shard_size="20KB")
+    states = {}
+    for i, task in enumerate(("math", "code")):
+        m = _finetune(base, 10 + i, 0.02)
+        m.save_pretrained(root / task, max_shard_size="30KB")
+        states[task] = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                          rank_pattern={"down_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})
+    torch.manual_seed(7)
+    lora = peft.get_peft_model(_llama(0), cfg)
+    lora.save_pretrained(root / "chat")
+    states["chat"] = {k: v.clone() for k, v in lora.merge_and_unload().state_dict().items()}
+    # the pool visits tensors in the files' order; DARE's masks are drawn in key order, so the reference
+    # dicts take the same order
+    order = HFPool(root / "base", {"math": root / "math"}).keys()
+    base_state = base.state_dict()
+    return root, {k: base_state[k].clone() for k in order}, {t: {k: s[k] for k in order} for t, s in states.items()}
+
+
+class _InMemory:
+    """The same weights as a plain in-memory pool (θ_0 and task vectors from transformers' state dicts)."""
+
+    def __init__(self, base: dict, experts: dict) -> None:
+        self.base, self.experts = base, experts
+
+    def pretrained_state(self):
+        return {k: v.clone() for k, v in self.base.items()}
+
+    def task_vectors(self, tasks=None):
+        for t in tasks or list(self.experts):
+            yield t, task_vector(self.experts[t], self.base)
+
+
+def _merge(root: Path, out: Path, method: str, *extra: str, experts=("math", "code", "chat")) -> Path:
+    args = ["merge", "--base", str(root / "base"), "--method", method, "--out", str(out), "--progress", "false",
+            *[f"--experts.{t}={root / t}" for t in experts], *extra]
+    entry(args)
+    return out
+
+
+def _loaded(folder: Path) -> dict:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_through_the_command_equals_the_in_memory_merge(method, models, tmp_path):
+    root, base, states = models
+    extra = [f"--options.{k}={v}" for k, v in FAST.get(method, {}).items()]
+    if method not in PER_TENSOR and method not in STREAMING:
+        extra.append("--in_memory=true")
+    out = _merge(root, tmp_path / "out", method, "--max_shard_size=40KB", *extra)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    want = merge_pool(_InMemory(base, states), method, **FAST.get(method, {}))
+    got = _loaded(out)
+    assert set(got) == set(base)
+    for k in base:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=f"{method}: {k}")
+    card = (out / "README.md").read_text()
+    assert f"`{method}`" in card and "LoRA adapter" in card and "full fine-tune" in card
+
+
+def test_out_of_core_ties_is_the_whole_model_ties_not_a_per_tensor_one(models, tmp_path):
+    root, base, states = models
+    pool = HFPool(root / "base", {t: root / t for t in states})
+    mem = _InMemory(base, states)
+    # the thresholds over the whole model, found by two histogram passes, are the in-memory ones bit for bit
+    taus = [tau for _, tau in mem.task_vectors()]
+    for keep in (0.2, 0.013, 1.0):
+        assert stream_thresholds(pool, pool.tasks, keep) == [ties_threshold(t, keep) for t in taus]
+    out = _merge(root, tmp_path / "ties", "ties", "--options.keep=0.1", "--options.merge=mean")
+    got, want = _loaded(out), merge_pool(mem, "ties", keep=0.1, merge="mean")
+    per_tensor = {}
+    for k in base:  # what a per-tensor trim (mergekit's ties) would give: must differ, or the test shows nothing
+        per_tensor.update(merge_pool(_InMemory({k: base[k]}, {t: {k: s[k]} for t, s in states.items()}), "ties",
+                                     keep=0.1, merge="mean"))
+    assert all(torch.equal(got[k], want[k]) for k in base)
+    assert sum(not torch.equal(per_tensor[k], want[k]) for k in base) >= len(base) // 2
+
+
+def test_lora_task_vector_is_peft_s_merged_weights(models):
+    root, base, states = models
+    pool = HFPool(root / "base", {"chat": root / "chat"})
+    adapted = set(pool.experts["chat"].adapted())
+    assert {k for k in base if "down_proj" in k or "q_proj" in k or "v_proj" in k} == adapted
+    for k in base:
+        want = states["chat"][k] - base[k]
+        torch.testing.assert_close(pool.task_vector_tensor("chat", k), want, rtol=0, atol=1e-6)
+        if k not in adapted:
+            assert torch.equal(pool.task_vector_tensor("chat", k), torch.zeros_like(want))
+
+
+def test_adapters_that_are_not_w_plus_sba_are_refused(models, tmp_path):
+    root, _, _ = models
+    for option, value in (("use_dora", True), ("lora_bias", True)):
+        folder = tmp_path / option
+        shutil.copytree(root / "chat", folder)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        cfg[option] = value
+        (folder / "adapter_config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=rf"{option}=True .* is not supported"):
+            HFPool(root / "base", {"chat": folder})
+
+
+def test_vocabulary_mismatch_is_refused_or_merged_on_the_shared_rows(models, tmp_path):
+    root, base, states = models
+    big = _finetune(_llama(0), 30, 0.02)
+    big.resize_token_embeddings(70, mean_resizing=False)
+    with torch.no_grad():
+        big.get_input_embeddings().weight[64:] = torch.randn(6, 32)
+        big.get_output_embeddings().weight[64:] = torch.randn(6, 32)
+    big.save_pretrained(tmp_path / "big", max_shard_size="30KB")
+    (tmp_path / "big" / "tokenizer_config.json").write_text('{"marker": "big"}')
+    big_state = big.state_dict()
+    with pytest.raises(SystemExit) as e:
+        _merge(root, tmp_path / "x", "task_arithmetic", experts=("math",), *[f"--experts.big={tmp_path / 'big'}"])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match=r"expert 'big': tensor 'model.embed_tokens.weight' has shape \(70, 32\) "
+                                         r"but the base \(64, 32\)"):
+        HFPool(root / "base", {"math": root / "math", "big": tmp_path / "big"})
+    shared = {k: (v[:64] if v.shape[0] == 70 else v) for k, v in big_state.items()}
+    want = merge_pool(_InMemory(base, {"math": states["math"], "big": shared}), "task_arithmetic")
+    for source, rows in (("base", 64), ("big", 70)):
+        out = _merge(root, tmp_path / f"out_{source}", "task_arithmetic", f"--experts.big={tmp_path / 'big'}",
+                     f"--vocab_source={source}", experts=("math",))
+        got = _loaded(out)
+        config = json.loads((out / "config.json").read_text())
+        assert config["vocab_size"] == rows and got["model.embed_tokens.weight"].shape == (rows, 32)
+        for k in base:
+            torch.testing.assert_close(got[k][:64], want[k], rtol=0, atol=1e-6)
+        if source == "big":  # the rows only the vocabulary source has are its own, and so is its tokenizer
+            assert torch.equal(got["lm_head.weight"][64:], big_state["lm_head.weight"][64:])
+            assert json.loads((out / "tokenizer_config.json").read_text()) == {"marker": "big"}
+
+
+def test_a_vision_language_model_keeps_its_vision_tower_by_name(tmp_path):
+    text = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                  spatial_merge_size=1, temporal_patch_size=1, in_channels=3)
+    cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, bos_token_id=1, eos_token_id=2)
+    cls = transformers.Qwen2VLForConditionalGeneration
+    torch.manual_seed(0)
+    base = cls(cfg).eval()
+    base.save_pretrained(tmp_path / "base", max_shard_size="30KB")
+    experts = {}
+    for i in range(2):
+        m = cls(cfg)
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        m.save_pretrained(tmp_path / f"e{i}", max_shard_size="30KB")
+        experts[f"e{i}"] = m.state_dict()
+    entry(["merge", "--base", str(tmp_path / "base"), "--method", "task_arithmetic", "--options.lam=0.5",
+           "--experts.e0", str(tmp_path / "e0"), "--experts.e1", str(tmp_path / "e1"), "--exclude", "[visual\\.]",
+           "--out", str(tmp_path / "out"), "--progress=false"])
+    got = cls.from_pretrained(tmp_path / "out", dtype=torch.float32).state_dict()
+    b = base.state_dict()
+    assert any("visual" in k for k in b) and any("language_model" in k for k in b)
+    for k in b:
+        if "visual" in k:
+            assert torch.equal(got[k], b[k]), k
+        else:
+            want = b[k] + 0.5 * ((experts["e0"][k] - b[k]) + (experts["e1"][k] - b[k]))
+            torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+
+
+def test_existing_output_is_refused_and_a_failed_merge_leaves_nothing(models, tmp_path, capsys):
+    root, base, states = models
+    out = _merge(root, tmp_path / "out", "task_arithmetic", "--dtype=bfloat16")
+    first = sorted(p.name for p in out.iterdir())
+    assert _loaded(out)["lm_head.weight"].dtype == torch.float32  # loaded as asked; stored:
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        _merge(root, out, "ties")
+    assert "exists: refusing to overwrite it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an argument the method does not take: nothing half-written
+        _merge(root, out, "ties", "--overwrite=true", "--options.kep=0.3")
+    assert sorted(p.name for p in out.iterdir()) == first
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+    _merge(root, out, "ties", "--overwrite=true")
+    assert "`ties`" in (out / "README.md").read_text()
+
+
+def test_a_config_file_and_a_base_from_an_offline_hub_cache(models, tmp_path):
+    from hubcache import cache_repo, run_offline
+
+    root, base, states = models
+    home = tmp_path / "home"
+    files = {p.name: p.read_bytes() for p in (root / "base").iterdir() if p.is_file()}
+    cache_repo(home / "hub", "adamerge-test/tiny-llama", files)
+    (tmp_path / "merge.yaml").write_text(
+        f"base: adamerge-test/tiny-llama\nexperts:\n  math: {root / 'math'}\n  chat: {root / 'chat'}\n"
+        f"method: ties\npreset: paper\noptions:\n  lam: 0.5\nout: {tmp_path / 'out'}\nprogress: false\n")
+    out = run_offline(home, f"""
+        from adamerge.console import entry
+        entry(["merge", "--config", {str(tmp_path / 'merge.yaml')!r}])
+        out["files"] = sorted(p.name for p in __import__("pathlib").Path({str(tmp_path / 'out')!r}).iterdir())
+    """)
+    assert "model.safetensors" in out["files"]
+    want = merge_pool(_InMemory(base, {t: states[t] for t in ("math", "chat")}), "ties", preset="paper", lam=0.5)
+    got = _loaded(tmp_path / "out")
+    assert all(torch.equal(got[k], want[k]) for k in base)
+
+
+def test_open_clip_towers_merge_through_the_same_command(tmp_path):
+    import open_clip
+    from conftest import make_tiny_clip
+    from safetensors.torch import save_file
+
+    clip = make_tiny_clip(0)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2,
+                                           "head_width": 16, "mlp_ratio": 2.0},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tinymerge.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "tinymerge.json")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, tmp_path / "clip.safetensors")
+    visual = {k: v.clone() for k, v in clip.visual.state_dict().items()}
+    experts = {}
+    for i, task in enumerate(("mnist", "svhn")):
+        g = torch.Generator().manual_seed(i)
+        experts[task] = {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in visual.items()}
+        save_file(experts[task], tmp_path / f"{task}.safetensors")
+    entry(["merge", "--model_name", "tinymerge", "--base", str(tmp_path / "clip.safetensors"), "--method", "tsv_m",
+           "--experts.mnist", str(tmp_path / "mnist.safetensors"), "--experts.svhn", str(tmp_path / "svhn.safetensors"),
+           "--out", str(tmp_path / "merged.safetensors")])
+    loaded = open_clip.create_model("tinymerge", pretrained=str(tmp_path / "merged.safetensors"))
+    want = merge_pool(_InMemory(visual, experts), "tsv_m")
+    for k, v in loaded.visual.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.transformer.parameters(), clip.transformer.parameters()))
+
+
+def test_missing_tensor_and_wrong_shape_are_named(models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root, _, _ = models
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "math", bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    shard = bad / index["weight_map"]["model.norm.weight"]
+    tensors = load_file(shard)
+    del tensors["model.norm.weight"]
+    save_file(tensors, shard)
+    del index["weight_map"]["model.norm.weight"]
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"expert 'bad' .* lacks tensor 'model.norm.weight'"):
+        HFPool(root / "base", {"bad": bad})
+    tensors = load_file(bad / index["weight_map"]["model.layers.0.mlp.up_proj.weight"])
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(48, 31)
+    save_file(tensors, bad / index["weight_map"]["model.layers.0.mlp.up_proj.weight"])
+    shutil.copy(root / "math" / "model.safetensors.index.json", bad)
+    os.unlink(shard)
+    shutil.copy(root / "math" / shard.name, shard)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \(48, 31\) but the base "
+                                         r"\(48, 32\)"):
+        HFPool(root / "base", {"bad": bad})
