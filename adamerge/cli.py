@@ -211,12 +211,20 @@ def learnable_methods() -> dict[str, type]:
 
 def methods_text() -> str:
     """What ``adamerge methods`` prints: every static merge and every learnable method, one line each."""
+    from adamerge.merging.dispatch import out_of_core
+
     static, learnable = static_methods(), {n: _summary(c) for n, c in learnable_methods().items()}
     width = max(map(len, [*static, *learnable]))
     lines = ["Static merges (Surgery's and WEMoE's base_merge: {method: NAME, ...}; merge_pool(pool, NAME)):"]
     lines += [f"  {n.ljust(width)}  {s}" for n, s in static.items()]
     lines += ["", "Learnable methods (model: {class_path: NAME}; python train.py fit --help lists their options):"]
     lines += [f"  {n.ljust(width)}  {s}" for n, s in learnable.items()]
+    lines += ["", "adamerge merge of Hugging Face models, out of core (one tensor of each model in memory at a time; "
+                  "the result is the in-memory merge exactly) or not:"]
+    for kind, what in (("per tensor", "per tensor"), ("exact passes", "in exact passes over the files"),
+                       (None, "in memory only (--in_memory)")):
+        names = [n for n in static if out_of_core(n) == kind]
+        lines.append(f"  {what}: {', '.join(names) or 'none'}")
     return "\n".join(lines)
 
 

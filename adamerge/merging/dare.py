@@ -25,7 +25,7 @@ from torch import Tensor
 from adamerge.merging._common import check_ratio, check_taus
 from adamerge.merging.task_vectors import MergeError, StateDict, check_finite, is_mergeable
 
-__all__ = ["dare", "dare_all", "dare_each"]
+__all__ = ["DaredStream", "dare", "dare_all", "dare_each"]
 
 
 def _generator(seed: int | None, generator: torch.Generator | None) -> torch.Generator:
@@ -94,3 +94,47 @@ def dare_each(taus: Iterable[StateDict], drop: float = 0.9, seed: int = 0) -> It
         del tau  # the original goes before the consumer asks for the next one
         yield dropped
         del dropped
+
+
+class DaredStream:
+    """A tensor stream whose task vectors are DARE'd exactly as :func:`dare_each` draws them.
+
+    The masks of :func:`dare_each` come from one generator, task after task, key after key; out of
+    core the tensors are visited key after key. So a first pass walks the draws in their order,
+    keeping the generator's state before each (task, key) (5 KB each) and discarding the numbers;
+    afterwards the mask of any (task, key) is redrawn from its state, as often as a merge reads it.
+
+    Args:
+        stream: the :class:`~adamerge.merging.registry.TensorStream` of the original task vectors.
+        tasks: the tasks, in the order the masks are drawn.
+        drop: drop rate p in [0, 1).
+        seed: seed of the one generator.
+    """
+
+    def __init__(self, stream, tasks, drop: float = 0.9, seed: int = 0) -> None:
+        self.stream, self.tasks = stream, list(tasks)
+        self.drop = check_ratio(drop, "dare drop rate", allow_zero=True, allow_one=False)
+        g = _generator(seed, None)
+        self._states: dict[tuple[str, str], Tensor] = {}
+        for task in self.tasks:
+            for key in stream.merge_keys():
+                self._states[task, key] = g.get_state()
+                shape = stream.pretrained_tensor(key).shape
+                torch.rand(shape, generator=g)
+
+    def check_tasks(self, tasks):
+        tasks = self.stream.check_tasks(tasks)
+        if tasks != self.tasks:
+            raise MergeError(f"the DARE masks were drawn for tasks {self.tasks}, not {tasks}")
+        return tasks
+
+    def merge_keys(self) -> list[str]:
+        return self.stream.merge_keys()
+
+    def pretrained_tensor(self, key: str) -> Tensor:
+        return self.stream.pretrained_tensor(key)
+
+    def task_vector_tensor(self, task: str, key: str) -> Tensor:
+        g = torch.Generator()
+        g.set_state(self._states[task, key])
+        return dare({key: self.stream.task_vector_tensor(task, key)}, drop=self.drop, generator=g)[key]

@@ -33,10 +33,19 @@ from collections.abc import Iterable, Sequence
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_ratio, check_taus
-from adamerge.merging.dare import dare_each
-from adamerge.merging.registry import TaskVectorSource, register_directions, register_method
+from adamerge.merging.dare import DaredStream, dare_each
+from adamerge.merging.registry import (
+    METHODS,
+    OneTensor,
+    TaskVectorSource,
+    TensorStream,
+    register_directions,
+    register_method,
+    register_streaming,
+)
 from adamerge.merging.task_vectors import StateDict, add_task_vector, running_sum
 from adamerge.merging.ties import ties_merge
+from adamerge.merging.ties_stream import ties_stream
 
 __all__ = ["dare_ta_directions", "dare_task_arithmetic", "dare_task_arithmetic_pool", "dare_ties_merge", "dare_ties_pool"]
 
@@ -188,3 +197,25 @@ def dare_ties_pool(
     pretrained = pool.pretrained_state()
     dropped = list(dare_each(_checked(pool, tasks, pretrained), drop=drop, seed=seed))
     return ties_merge(pretrained, dropped, keep=keep, merge=merge, lam=lam)
+
+
+# ---- out of core: the same merges over a DARE'd tensor stream -------------------------------------
+@register_streaming("dare_ta")
+def dare_ta_stream(stream: TensorStream, tasks: Sequence[str], drop: float = 0.5, lam: float = 0.3, seed: int = 0):
+    """:func:`dare_task_arithmetic_pool` out of core, exactly: task arithmetic tensor by tensor over
+    a :class:`~adamerge.merging.dare.DaredStream` (one pass to place the draws, one to merge)."""
+    lam = check_lam(lam)
+    dared = DaredStream(stream, tasks, drop=drop, seed=seed)
+    for key in dared.merge_keys():
+        one = OneTensor(dared, key)
+        yield key, METHODS["task_arithmetic"](one, tasks, lam=lam)[key]
+
+
+@register_streaming("dare_ties")
+def dare_ties_stream(stream: TensorStream, tasks: Sequence[str], drop: float = 0.5, keep: float = 0.2,
+                     merge: str = "sum", lam: float = 0.5, seed: int = 0):
+    """:func:`dare_ties_pool` out of core, exactly: TIES' passes (:func:`~adamerge.merging.ties_stream.
+    ties_stream`) over a :class:`~adamerge.merging.dare.DaredStream`."""
+    yield from ties_stream(DaredStream(stream, tasks, drop=drop, seed=seed), tasks, keep=keep, merge=merge,
+                                 lam=lam)
+

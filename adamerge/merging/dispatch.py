@@ -24,6 +24,7 @@ from adamerge.merging.registry import (
     PER_TENSOR,
     PRESETS,
     STREAMING,
+    OneTensor,
     TaskVectorSource,
     TensorStream,
 )
@@ -85,20 +86,6 @@ def out_of_core(method: str) -> str | None:
     return "per tensor" if method in PER_TENSOR else None
 
 
-class _OneTensor:
-    """One tensor of a stream as a pool: what a per-tensor method reads to merge it."""
-
-    def __init__(self, stream: TensorStream, key: str) -> None:
-        self.stream, self.key = stream, key
-
-    def pretrained_state(self) -> dict[str, Tensor]:
-        return {self.key: self.stream.pretrained_tensor(self.key)}
-
-    def task_vectors(self, tasks: Sequence[str] | None = None):
-        for task in self.stream.check_tasks(tasks):
-            yield task, {self.key: self.stream.task_vector_tensor(task, self.key)}
-
-
 @torch.no_grad()
 def merge_stream(
     stream: TensorStream, method: str, tasks: Sequence[str] | None = None, preset: str | None = None,
@@ -120,7 +107,7 @@ def merge_stream(
         yield from call_registered(STREAMING, PRESETS, "merging method", method, stream, tasks, preset, kwargs)
         return
     for key in stream.merge_keys():
-        merged = call_registered(METHODS, PRESETS, "merging method", method, _OneTensor(stream, key), tasks, preset,
+        merged = call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key), tasks, preset,
                                  kwargs)
         yield key, merged[key]
 

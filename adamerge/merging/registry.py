@@ -25,8 +25,20 @@ from torch import Tensor
 from adamerge.merging.task_vectors import running_sum
 
 __all__ = [
-    "DIRECTIONS", "DIRECTION_PRESETS", "LABELS", "METHODS", "PER_TENSOR", "PRESETS", "STREAMING", "TaskVectorSource",
-    "TensorStream", "register_directions", "register_method", "register_streaming", "streamed_sum",
+    "DIRECTIONS",
+    "DIRECTION_PRESETS",
+    "LABELS",
+    "METHODS",
+    "PER_TENSOR",
+    "PRESETS",
+    "STREAMING",
+    "OneTensor",
+    "TaskVectorSource",
+    "TensorStream",
+    "register_directions",
+    "register_method",
+    "register_streaming",
+    "streamed_sum",
 ]
 
 MergeFn = Callable[..., dict[str, Tensor]]
@@ -75,6 +87,21 @@ class TensorStream(Protocol):
     def task_vector_tensor(self, task: str, key: str) -> Tensor:
         """τ_task[key] = θ_task[key] − θ_0[key]."""
         ...
+
+
+class OneTensor:
+    """One tensor of a :class:`TensorStream` as a :class:`TaskVectorSource`: what a per-tensor method
+    reads to merge that tensor."""
+
+    def __init__(self, stream: TensorStream, key: str) -> None:
+        self.stream, self.key = stream, key
+
+    def pretrained_state(self) -> dict[str, Tensor]:
+        return {self.key: self.stream.pretrained_tensor(self.key)}
+
+    def task_vectors(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        for task in self.stream.check_tasks(tasks):
+            yield task, {self.key: self.stream.task_vector_tensor(task, self.key)}
 
 
 def _on_pool(fn: MergeFn) -> MergeFn:
