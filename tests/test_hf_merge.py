@@ -313,3 +313,14 @@ def test_missing_tensor_and_wrong_shape_are_named(models, tmp_path):
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \(48, 31\) but the base "
                                          r"\(48, 32\)"):
         HFPool(root / "base", {"bad": bad})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "tsv_m"])
+def test_merging_on_the_gpu_writes_what_the_cpu_writes(method, models, tmp_path):
+    root, _, _ = models
+    cpu = _loaded(_merge(root, tmp_path / "cpu", method))
+    gpu = _loaded(_merge(root, tmp_path / "gpu", method, "--device=cuda"))
+    for k, v in cpu.items():
+        torch.testing.assert_close(gpu[k], v, rtol=1e-5, atol=1e-6, msg=k)
