@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adamerge.merging.task_vectors import MergeError
 from adamerge.models.lora import ADAPTER_CONFIG, LoraExpert
+from adamerge.models.pool import check_task_list
 from adamerge.models.safetensors_folder import FolderError, SafetensorsFolder, resolve_folder
 
 __all__ = ["HFPool"]
@@ -84,7 +84,7 @@ class HFPool:
         self.vocab_source = vocab_source
         self.rows: dict[str, int] = {}  # key → the rows every model shares (vocabulary-sized tensors only)
         self._check()
-        self._keys = [k for k in self.base.keys() if self._merged(k)]
+        self._keys = [k for k in self.base.keys() if self._merged(k)]  # noqa: SIM118
         self._cache: tuple[str, Tensor] | None = None
 
     # ---- checks ---------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class HFPool:
             if missing or extra:
                 what = f"lacks tensor {missing[0]!r}" if missing else f"has tensor {extra[0]!r} the base lacks"
                 raise FolderError(f"expert {task!r} ({expert.path}) {what}: is it a fine-tune of {self.base.source}?")
-            for key in self.base.keys():
+            for key in self.base.keys():  # noqa: SIM118 (a folder, not a dict)
                 b, e = self.base.shape(key), expert.shape(key)
                 if b == e:
                     continue
@@ -123,16 +123,7 @@ class HFPool:
 
     def check_tasks(self, tasks: Sequence[str] | None = None) -> list[str]:
         """``tasks`` validated: non-empty, no duplicates, each with an expert (None: every task)."""
-        tasks = self.tasks if tasks is None else list(tasks)
-        if not tasks:
-            raise MergeError("empty task list")
-        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
-        if dup is not None:
-            raise MergeError(f"task {dup!r} is listed twice in {tasks}")
-        unknown = [t for t in tasks if t not in self.experts]
-        if unknown:
-            raise MergeError(f"task {unknown[0]!r} has no expert in the pool (pool tasks: {self.tasks})")
-        return tasks
+        return check_task_list(self.tasks if tasks is None else tasks, self.tasks)
 
     def keys(self) -> list[str]:
         """Every tensor of the merged model, in the base's file order."""

@@ -72,7 +72,7 @@ class LoraExpert:
         self.config = self._read_config()
         self._full: dict[str, str] = {}  # base key → adapter key of a saved full tensor
         parts: dict[str, dict[str, str]] = {}
-        for name in self.adapter.keys():
+        for name in self.adapter.keys():  # noqa: SIM118
             key = name.removeprefix(_PREFIX)
             m = _LORA.match(key) or _EMBED.match(key)
             if m is not None:

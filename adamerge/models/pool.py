@@ -27,7 +27,22 @@ from adamerge.models.checkpoints import check_finite
 
 ExpertSource = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
 
-__all__ = ["ExpertSource", "ModelPool", "zero_shot_logits"]
+__all__ = ["ExpertSource", "ModelPool", "check_task_list", "zero_shot_logits"]
+
+
+def check_task_list(tasks: Sequence[str], known: Sequence[str]) -> list[str]:
+    """``tasks`` as a list: non-empty, no task twice, each one of ``known`` (a pool's tasks), else a
+    :class:`MergeError` naming the task."""
+    tasks = list(tasks)
+    if not tasks:
+        raise MergeError("empty task list")
+    dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
+    if dup is not None:
+        raise MergeError(f"task {dup!r} is listed twice in {tasks}")
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise MergeError(f"task {unknown[0]!r} has no expert in the pool (pool tasks: {list(known)})")
+    return tasks
 
 
 def zero_shot_logits(features: Tensor, head: Tensor, logit_scale: float | Tensor) -> Tensor:
@@ -84,16 +99,7 @@ class ModelPool:
 
     def check_tasks(self, tasks: Sequence[str]) -> list[str]:
         """Validate that ``tasks`` is a non-empty list of tasks this pool has experts for."""
-        tasks = list(tasks)
-        if not tasks:
-            raise ValueError("empty task list")
-        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
-        if dup is not None:
-            raise ValueError(f"task {dup!r} is listed twice in {tasks}")
-        unknown = [t for t in tasks if t not in self._experts]
-        if unknown:
-            raise ValueError(f"task {unknown[0]!r} has no expert in the pool (pool tasks: {self.tasks})")
-        return tasks
+        return check_task_list(tasks, self.tasks)
 
     def head(self, task: str) -> Tensor:
         self.check_tasks([task])
