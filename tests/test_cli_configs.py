@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FRAGMENT_DIRS = ("trainer", "method")  # partial configs, layered after a full run config
 MINI_BASE = ROOT / "configs" / "mini" / "base.yaml"  # every mini run is this base plus one method config
 PAPER = sorted((ROOT / "configs" / "paper").rglob("*.yaml"))  # model x task set; a method is layered on
+# configs/llm/ runs a causal LM on HF folders: tests/test_llm_adamerging.py runs each of them on a tiny Llama
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
-                 if p.parent.name not in FRAGMENT_DIRS and p != MINI_BASE and p not in PAPER)
+                 if p.parent.name not in (*FRAGMENT_DIRS, "llm") and p != MINI_BASE and p not in PAPER)
 FRAGMENTS = sorted((ROOT / "configs" / "trainer").glob("*.yaml"))
 METHOD_FRAGMENTS = sorted((ROOT / "configs" / "method").glob("*.yaml"))
 VITB32_TASKS = task_set("20")  # the 8 standard tasks first, then TALL masks' 12
