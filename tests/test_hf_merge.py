@@ -324,3 +324,75 @@ def test_merging_on_the_gpu_writes_what_the_cpu_writes(method, models, tmp_path)
     gpu = _loaded(_merge(root, tmp_path / "gpu", method, "--device=cuda"))
     for k, v in cpu.items():
         torch.testing.assert_close(gpu[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_qwen2_with_tied_embeddings_and_qkv_biases(tmp_path):
+    """Qwen2 has biases on q/k/v and ties lm_head to the embedding (the file holds it once)."""
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = transformers.Qwen2ForCausalLM(cfg).eval()
+    base.save_pretrained(tmp_path / "base", max_shard_size="30KB")
+    experts = {}
+    for i in range(3):
+        m = transformers.Qwen2ForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        m.save_pretrained(tmp_path / f"e{i}", max_shard_size="30KB")
+        experts[f"e{i}"] = m.state_dict()
+    pool = HFPool(tmp_path / "base", {t: tmp_path / t for t in experts})
+    assert "lm_head.weight" not in pool.keys() and any(k.endswith("q_proj.bias") for k in pool.keys())
+    order = pool.keys()
+    mem = _InMemory({k: base.state_dict()[k] for k in order}, {t: {k: s[k] for k in order} for t, s in experts.items()})
+    for method in ("ties", "tsv_m"):
+        entry(["merge", "--base", str(tmp_path / "base"), "--method", method, "--out", str(tmp_path / method),
+               "--progress=false", *[f"--experts.{t}={tmp_path / t}" for t in experts]])
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / method, dtype=torch.float32)
+        got, want = model.state_dict(), merge_pool(mem, method)
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+        for k in order:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=f"{method}: {k}")
+
+
+# makes transformers and peft look uninstalled: not importable, and no package metadata (torchmetrics asks)
+_BLOCK = """
+import importlib.metadata as md, sys
+BLOCKED = ("transformers", "peft")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, Block())
+def hide(fn):
+    def wrapped(name):
+        if name.lower() in BLOCKED:
+            raise md.PackageNotFoundError(name)
+        return fn(name)
+    return wrapped
+md.distribution, md.version = hide(md.distribution), hide(md.version)
+"""
+
+
+def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path):
+    """The engine reads safetensors and adapter_config.json itself: with both packages unimportable, an
+    out-of-core merge of full and LoRA experts still runs and writes the same files."""
+    import subprocess
+    import sys
+
+    root, _, _ = models
+    _merge(root, tmp_path / "with", "ties")
+    script = (_BLOCK + "from adamerge.console import entry\n"
+              f"entry(['merge', '--base', {str(root / 'base')!r}, '--method', 'ties', '--out', {str(tmp_path / 'without')!r},"
+              " '--progress=false'," + ",".join(f"'--experts.{t}={root / t}'" for t in ("math", "code", "chat")) + "])\n"
+              "assert not {'transformers', 'peft'} & set(sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = sorted(p.name for p in (tmp_path / "with").glob("*.safetensors"))
+    assert shards and shards == sorted(p.name for p in (tmp_path / "without").glob("*.safetensors"))
+    from safetensors.torch import load_file
+
+    for name in shards:
+        a, b = load_file(tmp_path / "with" / name), load_file(tmp_path / "without" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
