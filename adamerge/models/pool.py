@@ -154,11 +154,14 @@ class ModelPool:
         The base pool writes the encoder's state dict only (a ``.safetensors`` file records the
         encoder's activation in its metadata); :class:`~adamerge.models.open_clip_pool.OpenCLIPPool`
         writes a full open_clip CLIP that ``open_clip.create_model(name, pretrained=path)`` loads.
-        Keys, shapes and finiteness are checked first; on error nothing is written.
+        Tensors are written in the encoder's dtypes. Keys, shapes and finiteness are checked first; on
+        error nothing is written.
         """
         from adamerge.models.checkpoints import save_state_dict
 
         check_compatible(self._pretrained, visual_state, name="merged state dict")
+        # written in the model's dtypes (a float32 merge of a bf16 encoder is saved bf16), as OpenCLIPPool does
+        visual_state = {k: visual_state[k].detach().to(ref.dtype) for k, ref in self._pretrained.items()}
         return save_state_dict(visual_state, path,
                                metadata=export_metadata(self.encoder, self.model_name, self.model_config))
 

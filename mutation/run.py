@@ -1,0 +1,321 @@
+"""Mutation testing of adamerge's core with mutmut, one module at a time (entry point: scripts/mutation.sh).
+
+For each module (a path such as ``adamerge/merging/ties.py``) a scratch copy of the tree is made (the work
+tree's tracked and untracked-but-not-ignored files, or ``git archive REV``), its ``[tool.mutmut]`` section
+is the repository's with ``only_mutate`` set to the module and ``pytest_add_cli_args_test_selection`` set
+to the module's tests from ``mutation/tests.txt``, and ``mutmut run --max-children 1`` runs there. mutmut
+first runs those tests once to record which tests call which function, then runs each mutant against only
+the tests that call the mutated function.
+
+Counted per module: killed (a test failed; a timeout counts as killed and is also shown on its own),
+survived (``no tests`` included: nothing ran that could catch it), equivalent (survivors listed in
+``mutation/equivalent.txt``), not checked (the run was stopped first; left out of the score).
+Score = killed / (checked - equivalent). The table goes to stdout; the record to
+``benchmarks/results/mutation_<date>[_<label>].json``; the diffs of the survivors to
+``<workdir>/survivors.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE = ("adamerge/merging", "adamerge/components", "adamerge/models", "adamerge/systems")
+KILLED_CODES = {1, 3}
+TIMEOUT_CODES = {36, 24, -24, 152, 255}
+SURVIVED_CODES = {0}
+NO_TESTS_CODES = {5, 33}
+
+
+def read_tests_map(path: Path) -> dict[str, list[str]]:
+    """``module: pattern ...`` lines (``*`` for every module); ``#`` starts a comment."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        module, _, patterns = line.partition(":")
+        out.setdefault(module.strip(), []).extend(patterns.split())
+    return out
+
+
+def read_equivalent(path: Path) -> dict[str, str]:
+    """``mutant-id  reason`` lines; ``#`` at the start of a line is a comment."""
+    out: dict[str, str] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        mutant, _, reason = line.strip().partition(" ")
+        if not reason.strip():
+            sys.exit(f"{path}: mutant {mutant} has no reason; write one after its id")
+        out[mutant] = reason.strip()
+    return out
+
+
+def default_modules() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for d in CORE for p in (ROOT / d).glob("*.py") if p.name != "__init__.py")
+
+
+def tests_for(module: str, mapping: dict[str, list[str]], tree: Path) -> list[str]:
+    """The module's test files in ``tree``: its mapping's patterns, else every test file naming the module's
+    dotted path; ``*`` patterns are added to both. Patterns matching nothing (e.g. files not in REV) are dropped."""
+    patterns = mapping.get(module, [])
+    if not patterns:
+        dotted = module[: -len(".py")].replace("/", ".")
+        pkg, _, stem = dotted.rpartition(".")
+        needles = (dotted, f"from {pkg} import {stem}")
+        patterns = [str(p.relative_to(tree)) for p in sorted((tree / "tests").glob("test_*.py"))
+                    if any(n in p.read_text() for n in needles)]
+    found: list[str] = []
+    for pattern in patterns + mapping.get("*", []):
+        for p in sorted(tree.glob(pattern)):
+            rel = str(p.relative_to(tree))
+            if rel not in found:
+                found.append(rel)
+    return found
+
+
+def populate(tree: Path, rev: str | None) -> None:
+    if tree.exists():
+        shutil.rmtree(tree)
+    tree.mkdir(parents=True)
+    if rev:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", _commit(rev)], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        return
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tree / name)
+
+
+def _commit(rev: str) -> str:
+    found = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", rev], check=False,
+                           capture_output=True, text=True)
+    return found.stdout.strip() or rev
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    raise TypeError(f"[tool.mutmut] value {value!r}: only strings, numbers, booleans and lists are supported")
+
+
+def write_config(tree: Path, module: str, tests: list[str]) -> None:
+    """The tree's pyproject.toml with its ``[tool.mutmut]`` section replaced by the repository's, narrowed."""
+    section = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"])
+    section.update(only_mutate=[module], pytest_add_cli_args_test_selection=tests)
+    lines, skipping = [], False
+    for line in (tree / "pyproject.toml").read_text().splitlines():
+        if line.startswith("["):
+            skipping = line.strip() == "[tool.mutmut]"
+        if not skipping:
+            lines.append(line)
+    lines += ["", "[tool.mutmut]"] + [f"{k} = {_toml(v)}" for k, v in section.items()]
+    (tree / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def run_mutmut(tree: Path, deadline: float, log: Path) -> bool:
+    """Run mutmut in ``tree`` until it ends or ``deadline``; False when it was stopped at the deadline."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["mutmut", "run", "--max-children", "1"], cwd=tree, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None:
+            if time.time() > deadline:
+                os.killpg(proc.pid, signal.SIGINT)  # mutmut saves its results on KeyboardInterrupt
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                return False
+            time.sleep(2)
+    if proc.returncode != 0:
+        print(f"mutmut failed in {tree} (exit {proc.returncode}); see {log}", file=sys.stderr)
+    return True
+
+
+def classify(code: int | None) -> str:
+    if code is None:
+        return "not checked"
+    if code in KILLED_CODES:
+        return "killed"
+    if code in TIMEOUT_CODES:
+        return "timeout"
+    if code in SURVIVED_CODES:
+        return "survived"
+    if code in NO_TESTS_CODES:
+        return "no tests"
+    return "other"  # suspicious, segfault, skipped, caught by a type check: neither killed nor survived
+
+
+def collect(tree: Path, module: str, equivalent: dict[str, str]) -> dict:
+    meta = tree / "mutants" / (module + ".meta")
+    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    status = {m: classify(c) for m, c in sorted(codes.items())}
+    count = {s: sum(v == s for v in status.values()) for s in
+             ("killed", "timeout", "survived", "no tests", "other", "not checked")}
+    survivors = [m for m, s in status.items() if s in ("survived", "no tests")]
+    eq = [m for m in survivors if m in equivalent]
+    stale = [m for m, s in status.items() if m in equivalent and s in ("killed", "timeout")]
+    checked = len(status) - count["not checked"]
+    killed = count["killed"] + count["timeout"]
+    denominator = checked - len(eq)
+    return {
+        "mutants": len(status), "checked": checked, "killed": killed, "timeout": count["timeout"],
+        "survived": len(survivors) - len(eq), "no_tests": count["no tests"], "other": count["other"],
+        "equivalent": len(eq), "not_checked": count["not checked"],
+        "score": round(killed / denominator, 4) if denominator else None,
+        "survivors": [m for m in survivors if m not in equivalent], "equivalent_ids": eq,
+        "listed_equivalent_but_killed": stale, "status": status,
+    }
+
+
+_SHOW = """
+import sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+for name in sys.argv[1:]:
+    print(f"### {name}")
+    print(get_diff_for_mutant(name, path=find_mutant(name).path))
+"""
+
+
+def survivor_diffs(tree: Path, mutants: list[str]) -> str:
+    """The diffs of ``mutants`` (what ``mutmut show`` prints), read in one process."""
+    if not mutants:
+        return ""
+    shown = subprocess.run([sys.executable, "-c", _SHOW, *mutants], check=False, cwd=tree, capture_output=True,
+                           text=True)
+    return shown.stdout if shown.returncode == 0 else f"(mutmut show failed: {shown.stderr.strip()[-500:]})\n"
+
+
+def table(rows: dict[str, dict], overall: dict) -> str:
+    head = ("module", "mutants", "checked", "killed", "(timeout)", "survived", "equivalent", "other",
+            "not checked", "score")
+    lines = [head]
+    for name, r in [*rows.items(), ("overall", overall)]:
+        score = "-" if r["score"] is None else f"{100 * r['score']:.1f} %"
+        lines.append((name, r["mutants"], r["checked"], r["killed"], r["timeout"], r["survived"],
+                      r["equivalent"], r["other"], r["not_checked"], score))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    fmt = lambda line: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                                 for i, (v, w) in enumerate(zip(line, widths)))
+    return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modules", nargs="*", help="module paths (default: every module of merging/, components/, "
+                    "models/, systems/)")
+    ap.add_argument("--rev", help="mutate and test this git revision instead of the work tree (e.g. HEAD)")
+    ap.add_argument("--label", default="", help="suffix of the record's name and of the scratch folder")
+    ap.add_argument("--workdir", default=os.environ.get("MUTATION_WORKDIR", "/tmp/adamerge-mutation"),
+                    help="scratch folder (a copy of the tree per module)")
+    ap.add_argument("--max-minutes", type=float, default=float("inf"),
+                    help="stop after this many minutes of wall time in all; unchecked mutants are reported")
+    ap.add_argument("--resume", action="store_true", help="keep earlier results in the scratch folders")
+    ap.add_argument("--collect-only", action="store_true",
+                    help="run nothing: report the results already in the scratch folders (e.g. after editing "
+                    "mutation/equivalent.txt)")
+    ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/results/mutation_*.json")
+    args = ap.parse_args(argv)
+
+    modules = [m.rstrip("/") for m in args.modules] or default_modules()
+    for m in modules:
+        if not (ROOT / m).is_file() or not m.endswith(".py"):
+            ap.error(f"{m}: not a module of this repository (give a path such as adamerge/merging/ties.py)")
+        if not any(fnmatch.fnmatch(m, d + "/*") for d in CORE):
+            ap.error(f"{m}: outside the mutated core ({', '.join(CORE)})")
+    mapping = read_tests_map(ROOT / "mutation" / "tests.txt")
+    equivalent = read_equivalent(ROOT / "mutation" / "equivalent.txt")
+    work = Path(args.workdir) / (args.label or "worktree")
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    deadline = start + 60 * args.max_minutes
+    rows: dict[str, dict] = {}
+    diffs = []
+    for module in modules:
+        tree = work / module.replace("/", "_")[: -len(".py")]
+        if args.collect_only:
+            if not tree.exists():
+                print(f"{module}: no earlier run in {tree}", file=sys.stderr)
+                continue
+        elif not (args.resume and tree.exists()):
+            populate(tree, args.rev)
+        tests = tests_for(module, mapping, tree)
+        if not tests:
+            print(f"{module}: no test file found; add it to mutation/tests.txt", file=sys.stderr)
+            continue
+        t0 = time.time()
+        if args.collect_only:
+            finished = None
+        else:
+            write_config(tree, module, tests)
+            finished = time.time() < deadline and run_mutmut(tree, deadline, tree / "mutmut.log")
+        rows[module] = collect(tree, module, equivalent)
+        rows[module].update(tests=tests, wall_s=round(time.time() - t0, 1), finished=finished)
+        print(f"{module}: {rows[module]['killed']}/{rows[module]['checked']} killed "
+              f"({rows[module]['not_checked']} not checked) in {rows[module]['wall_s']} s", flush=True)
+        if rows[module]["survivors"]:
+            diffs.append(survivor_diffs(tree, rows[module]["survivors"]))
+    keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "other", "equivalent", "not_checked")
+    overall = {k: sum(r[k] for r in rows.values()) for k in keys}
+    denominator = overall["checked"] - overall["equivalent"]
+    overall["score"] = round(overall["killed"] / denominator, 4) if denominator else None
+    print()
+    print(table(rows, overall))
+    (work / "survivors.txt").write_text("\n".join(diffs))
+    print(f"\nsurvivors' diffs: {work / 'survivors.txt'}")
+    for m, r in rows.items():
+        if r["listed_equivalent_but_killed"]:
+            print(f"warning: {m}: listed in mutation/equivalent.txt but killed: {r['listed_equivalent_but_killed']}")
+    if not args.no_record:
+        import mutmut
+
+        stamp = datetime.date.today().isoformat()
+        name = f"mutation_{stamp}{'_' + args.label if args.label else ''}.json"
+        record = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "label": args.label,
+            "rev": _commit(args.rev) if args.rev else f"work tree on {_commit('HEAD')}", "tool": f"mutmut {mutmut.__version__}", "workers": 1,
+            "wall_s": round(time.time() - start, 1), "max_minutes": args.max_minutes,
+            "score": "killed / (checked - equivalent); timeouts count as killed",
+            "modules": rows, "overall": overall,
+        }
+        out = ROOT / "benchmarks" / "results" / name
+        if args.collect_only and out.exists():  # keep what the run itself measured
+            old = json.loads(out.read_text())
+            record.update({k: old[k] for k in ("date", "wall_s", "max_minutes") if k in old})
+            for m, r in rows.items():
+                r.update({k: old["modules"][m][k] for k in ("wall_s", "finished") if m in old.get("modules", {})})
+            record["rescored"] = datetime.datetime.now().isoformat(timespec="seconds")
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"record: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
