@@ -396,3 +396,25 @@ def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path
     for name in shards:
         a, b = load_file(tmp_path / "with" / name), load_file(tmp_path / "without" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties"])
+def test_large_tensors_merged_in_row_blocks_give_the_same_merge(method, models, tmp_path, monkeypatch):
+    """Elementwise merges read big tensors a block of rows at a time (32 MiB in float32 by default); with
+    blocks of 1 KiB every 2-D tensor of the tiny model is split, and the merge must not change."""
+    root, _, _ = models
+    experts = ("math", "code")  # full fine-tunes: a LoRA expert is read whole
+    whole = _loaded(_merge(root, tmp_path / "whole", method, experts=experts))
+    original = HFPool.row_blocks
+    split = []
+
+    def small(self, key, max_bytes=1024):
+        blocks = original(self, key, max_bytes)
+        split.append(blocks is not None and len(blocks) > 1)
+        return blocks
+
+    monkeypatch.setattr(HFPool, "row_blocks", small)
+    blocked = _loaded(_merge(root, tmp_path / "blocked", method, experts=experts))
+    assert any(split)
+    for k, v in whole.items():
+        assert torch.equal(blocked[k], v), k

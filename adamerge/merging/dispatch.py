@@ -27,6 +27,7 @@ from adamerge.merging.registry import (
     OneTensor,
     TaskVectorSource,
     TensorStream,
+    row_blocks,
 )
 from adamerge.merging.task_vectors import MergeError
 
@@ -106,10 +107,27 @@ def merge_stream(
     if kind == "exact passes":
         yield from call_registered(STREAMING, PRESETS, "merging method", method, stream, tasks, preset, kwargs)
         return
+    elementwise = method in ELEMENTWISE and kwargs.get("dare") is None and preset is None
     for key in stream.merge_keys():
-        merged = call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key), tasks, preset,
-                                 kwargs)
-        yield key, merged[key]
+        blocks = row_blocks(stream, key) if elementwise else None
+        if blocks is None:
+            yield key, call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key), tasks,
+                                       preset, kwargs)[key]
+            continue
+        merged = None
+        for rows in blocks:  # one block of rows of θ_0 and of each expert at a time
+            part = call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key, rows), tasks,
+                                   preset, kwargs)[key]
+            if merged is None:
+                merged = part.new_empty((blocks[-1].stop, *part.shape[1:]))
+            merged[rows] = part
+            del part
+        yield key, merged
+
+
+# per-tensor methods whose merged entry depends on the same entry of θ_0 and the experts alone: merged
+# out of core one block of rows at a time (with ``dare`` unset: its masks are drawn per tensor)
+ELEMENTWISE = {"task_arithmetic", "weight_average"}
 
 
 def call_registered(table: dict, presets: dict, kind: str, name: str, pool: TaskVectorSource,

@@ -93,15 +93,26 @@ class OneTensor:
     """One tensor of a :class:`TensorStream` as a :class:`TaskVectorSource`: what a per-tensor method
     reads to merge that tensor."""
 
-    def __init__(self, stream: TensorStream, key: str) -> None:
-        self.stream, self.key = stream, key
+    def __init__(self, stream: TensorStream, key: str, rows: slice | None = None) -> None:
+        self.stream, self.key, self.rows = stream, key, rows
 
     def pretrained_state(self) -> dict[str, Tensor]:
-        return {self.key: self.stream.pretrained_tensor(self.key)}
+        return {self.key: block_of(self.stream.pretrained_tensor, self.key, rows=self.rows)}
 
     def task_vectors(self, tasks: Sequence[str] | None = None) -> Iterator[tuple[str, dict[str, Tensor]]]:
         for task in self.stream.check_tasks(tasks):
-            yield task, {self.key: self.stream.task_vector_tensor(task, self.key)}
+            yield task, {self.key: block_of(self.stream.task_vector_tensor, task, self.key, rows=self.rows)}
+
+
+def block_of(read: Callable[..., Tensor], *args: str, rows: slice | None = None) -> Tensor:
+    """``read(*args)``, or ``read(*args, rows)`` (a block of rows) when ``rows`` is given."""
+    return read(*args) if rows is None else read(*args, rows)
+
+
+def row_blocks(stream: TensorStream, key: str) -> list[slice] | None:
+    """The stream's row blocks of ``key`` for an elementwise merge (None: the tensor whole)."""
+    blocks = getattr(stream, "row_blocks", None)
+    return blocks(key) if blocks is not None else None
 
 
 def _on_pool(fn: MergeFn) -> MergeFn:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_lam, check_ratio
-from adamerge.merging.registry import TensorStream, register_streaming
+from adamerge.merging.registry import TensorStream, block_of, register_streaming, row_blocks
 from adamerge.merging.task_vectors import MergeError, add_task_vector
 from adamerge.merging.ties import MERGE_FUNCS, _disjoint, _majority, _n_keep, _sign
 
@@ -58,9 +58,9 @@ def stream_thresholds(stream: TensorStream, tasks: Sequence[str], keep: float) -
         raise MergeError("the model has no floating-point tensors to merge")
     hi = [None] * len(tasks)
     d = 0
-    for key in keys:
+    for key, rows in _blocks(stream, keys):
         for i, task in enumerate(tasks):
-            b = _bits(stream.task_vector_tensor(task, key))
+            b = _bits(block_of(stream.task_vector_tensor, task, key, rows=rows))
             h = torch.bincount(b >> 16, minlength=_HI).to("cpu", torch.int64)
             hi[i] = h if hi[i] is None else hi[i].add_(h)
             if i == 0:
@@ -68,9 +68,9 @@ def stream_thresholds(stream: TensorStream, tasks: Sequence[str], keep: float) -
     n = _n_keep(d, keep)
     bins = [_walk(h, n) for h in hi]
     lo = [torch.zeros(_LO, dtype=torch.int64) for _ in tasks]
-    for key in keys:
+    for key, rows in _blocks(stream, keys):
         for i, task in enumerate(tasks):
-            b = _bits(stream.task_vector_tensor(task, key))
+            b = _bits(block_of(stream.task_vector_tensor, task, key, rows=rows))
             sel = b[(b >> 16) == bins[i][0]] & 0xFFFF
             if sel.numel():
                 lo[i].add_(torch.bincount(sel, minlength=_LO).to("cpu", torch.int64))
@@ -101,14 +101,32 @@ def ties_stream(
     thresholds = stream_thresholds(stream, tasks, keep)
     keys = stream.merge_keys()
     total = 0.0
-    for key in keys:
-        total += float(_sign([stream.task_vector_tensor(t, key).reshape(-1) for t in tasks], thresholds).sum())
+    for key, rows in _blocks(stream, keys):
+        flat = [block_of(stream.task_vector_tensor, t, key, rows=rows).reshape(-1) for t in tasks]
+        total += float(_sign(flat, thresholds).sum())
     majority = _majority(total)
     for key in keys:
-        theta0 = stream.pretrained_tensor(key)
-        flat = [stream.task_vector_tensor(t, key).reshape(-1) for t in tasks]
-        gamma = _sign(flat, thresholds)
-        gamma.masked_fill_(gamma == 0, majority)
-        merged = _disjoint(flat, gamma, thresholds, merge).view(theta0.shape)
-        del flat, gamma
-        yield key, add_task_vector({key: theta0}, {key: merged}, lam)[key]
+        out = None
+        for rows in row_blocks(stream, key) or [None]:
+            theta0 = block_of(stream.pretrained_tensor, key, rows=rows)
+            flat = [block_of(stream.task_vector_tensor, t, key, rows=rows).reshape(-1) for t in tasks]
+            gamma = _sign(flat, thresholds)
+            gamma.masked_fill_(gamma == 0, majority)
+            merged = _disjoint(flat, gamma, thresholds, merge).view(theta0.shape)
+            del flat, gamma
+            part = add_task_vector({key: theta0}, {key: merged}, lam)[key]
+            if rows is None:
+                out = part
+                break
+            if out is None:
+                out = part.new_empty((row_blocks(stream, key)[-1].stop, *part.shape[1:]))
+            out[rows] = part
+            del merged, part
+        yield key, out
+
+
+def _blocks(stream: TensorStream, keys: Sequence[str]) -> Iterator[tuple[str, slice | None]]:
+    """(key, rows) for every key: its row blocks, or (key, None) where it is read whole."""
+    for key in keys:
+        for rows in row_blocks(stream, key) or [None]:
+            yield key, rows

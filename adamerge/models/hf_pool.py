@@ -19,6 +19,7 @@ vocabulary. With ``vocab_source=None`` that is refused, naming the tensor and bo
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -137,19 +138,37 @@ class HFPool:
     def _shared(self, key: str, t: Tensor) -> Tensor:
         return t[: self.rows[key]] if key in self.rows else t
 
-    def pretrained_tensor(self, key: str) -> Tensor:
-        """θ_0[key] (the last one read is kept: an out-of-core pass asks for it once per task)."""
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._shared(key, self.base.get(key)).to(self.device, torch.float32))
+    def row_blocks(self, key: str, max_bytes: int = 32 << 20) -> list[slice] | None:
+        """Row ranges of ``key`` (its shared rows) of at most ``max_bytes`` in float32 each, for
+        elementwise merges; None where the tensor is read whole (1-D, small, or adapted by a LoRA expert)."""
+        shape = self.base.shape(key)
+        if len(shape) < 2 or any(isinstance(e, LoraExpert) for e in self.experts.values()):
+            return None
+        rows, row_bytes = self.rows.get(key, shape[0]), 4 * math.prod(shape[1:])
+        if rows * row_bytes <= max_bytes or row_bytes == 0:
+            return None
+        step = max(1, max_bytes // row_bytes)
+        return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+    def _read(self, model: SafetensorsFolder | LoraExpert, key: str, rows: slice | None) -> Tensor:
+        t = self._shared(key, model.get(key)) if rows is None else model.get(key, rows)
+        return t.to(self.device, torch.float32)
+
+    def pretrained_tensor(self, key: str, rows: slice | None = None) -> Tensor:
+        """θ_0[key] (its ``rows``; the last one read is kept: an out-of-core pass asks for it once per task)."""
+        tag = (key, None if rows is None else (rows.start, rows.stop))
+        if self._cache is None or self._cache[0] != tag:
+            self._cache = None
+            self._cache = (tag, self._read(self.base, key, rows))
         return self._cache[1]
 
-    def expert_tensor(self, task: str, key: str) -> Tensor:
-        """θ_task[key]."""
-        return self._shared(key, self.experts[task].get(key)).to(self.device, torch.float32)
+    def expert_tensor(self, task: str, key: str, rows: slice | None = None) -> Tensor:
+        """θ_task[key] (its ``rows``)."""
+        return self._read(self.experts[task], key, rows)
 
-    def task_vector_tensor(self, task: str, key: str) -> Tensor:
-        """τ_task[key] = θ_task[key] − θ_0[key]."""
-        return self.expert_tensor(task, key).sub_(self.pretrained_tensor(key))
+    def task_vector_tensor(self, task: str, key: str, rows: slice | None = None) -> Tensor:
+        """τ_task[key] = θ_task[key] − θ_0[key] (its ``rows``)."""
+        return self.expert_tensor(task, key, rows).sub_(self.pretrained_tensor(key, rows))
 
     def finish(self, key: str, merged: Tensor | None) -> Tensor:
         """The output tensor ``key``: ``merged`` (None: θ_0's, unmerged) with the vocabulary source's

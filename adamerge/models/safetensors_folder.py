@@ -164,10 +164,11 @@ class SafetensorsFolder:
             raise FolderError(f"{self.label}: {self.path} has no tensor {key!r}")
         return key
 
-    def get(self, key: str) -> Tensor:
-        """The tensor ``key`` in its stored dtype (a fresh CPU tensor; the shard is closed again)."""
+    def get(self, key: str, rows: slice | None = None) -> Tensor:
+        """The tensor ``key`` in its stored dtype (a fresh CPU tensor; the shard is closed again);
+        with ``rows``, only those rows are read."""
         with safe_open(self._where[self._known(key)], framework="pt") as f:
-            return f.get_tensor(key)
+            return f.get_tensor(key) if rows is None else f.get_slice(key)[rows]
 
     def config(self) -> dict | None:
         """The folder's ``config.json`` (None when it has none)."""
