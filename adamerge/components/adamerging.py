@@ -48,8 +48,16 @@ from adamerge.models.pool import ModelPool
 
 Granularity = Literal["task", "layer"]
 
-__all__ = ["AdaMergingModel", "FusedMerge", "Granularity", "LearnedMerge", "direction_spec", "load_directions",
-           "stack_task_vectors"]
+__all__ = [
+    "AdaMergingModel",
+    "FusedMerge",
+    "Granularity",
+    "LearnedMerge",
+    "check_coefficient_args",
+    "direction_spec",
+    "load_directions",
+    "stack_task_vectors",
+]
 
 
 def stack_task_vectors(
@@ -115,6 +123,21 @@ class FusedMerge(torch.autograd.Function):
         if lam.shape[1] == 1:
             grad = grad.sum(dim=1, keepdim=True)
         return (grad.to(lam.dtype), None, None, None, *([None] * len(grads)))
+
+
+def check_coefficient_args(granularity: str, init_lam: float, clamp: bool, tv_dtype: str) -> torch.dtype:
+    """Validate AdaMerging's coefficient arguments (any model it merges); returns the directions' storage dtype."""
+    if granularity not in ("task", "layer"):
+        raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+    storage = dtype_named(tv_dtype, "tv_dtype", ("float32", "bfloat16"))
+    if not math.isfinite(init_lam):
+        raise ValueError(f"init_lam must be finite, got {init_lam}")
+    if clamp and not 0.0 <= init_lam <= 1.0:
+        raise ValueError(
+            f"init_lam {init_lam} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
+            "would never move; use an init_lam in [0, 1] or clamp: false"
+        )
+    return storage
 
 
 def direction_spec(directions: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -222,16 +245,7 @@ class AdaMergingModel(LearnedMerge):
         tv_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if granularity not in ("task", "layer"):
-            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-        storage = dtype_named(tv_dtype, "tv_dtype", ("float32", "bfloat16"))
-        if not math.isfinite(init_lam):
-            raise ValueError(f"init_lam must be finite, got {init_lam}")
-        if clamp and not 0.0 <= init_lam <= 1.0:
-            raise ValueError(
-                f"init_lam {init_lam} is outside the clamp range [0, 1]: the clamp would zero every gradient and λ "
-                "would never move; use an init_lam in [0, 1] or clamp: false"
-            )
+        storage = check_coefficient_args(granularity, init_lam, clamp, tv_dtype)
         task_names, self.directions, origin, task_vectors = load_directions(pool, tasks, directions)
         encoder = pool.encoder
         reference = {k: v for k, v in origin.items() if is_mergeable(v)}

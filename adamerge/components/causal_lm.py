@@ -25,7 +25,6 @@ the merged weights (one model's worth, differentiable in λ through one fused no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -33,11 +32,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from adamerge.components.adamerging import FusedMerge, Granularity, direction_spec, stack_task_vectors
+from adamerge.components.adamerging import (
+    FusedMerge,
+    Granularity,
+    check_coefficient_args,
+    direction_spec,
+    stack_task_vectors,
+)
 from adamerge.components.frozen import freeze_as_buffers
 from adamerge.merging.dispatch import merge_directions
 from adamerge.merging.registry import LABELS
-from adamerge.merging.task_vectors import MergeError, dtype_named
+from adamerge.merging.task_vectors import MergeError
 from adamerge.models.hf_causal_lm import CausalLMPool
 from adamerge.models.hf_pool import HFPool
 
@@ -122,14 +127,7 @@ class CausalLMAdaMerging(nn.Module):
         pool = CausalLMPool(pool) if isinstance(pool, HFPool) else pool
         if not isinstance(pool, CausalLMPool):
             raise TypeError(f"pool must be a CausalLMPool or an HFPool, got {type(pool).__name__}")
-        if granularity not in ("task", "layer"):
-            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
-        storage = dtype_named(tv_dtype, "tv_dtype", ("float32", "bfloat16"))
-        if not math.isfinite(init_lam):
-            raise ValueError(f"init_lam must be finite, got {init_lam}")
-        if clamp and not 0.0 <= init_lam <= 1.0:
-            raise ValueError(f"init_lam {init_lam} is outside the clamp range [0, 1]: the clamp would zero every "
-                             "gradient; use an init_lam in [0, 1] or clamp: false")
+        storage = check_coefficient_args(granularity, init_lam, clamp, tv_dtype)
         self.task_names = pool.check_tasks(pool.tasks if tasks is None else list(tasks))
         self.layer_names = list(pool.merge_keys())
         if not self.layer_names:
