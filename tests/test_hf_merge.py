@@ -398,12 +398,14 @@ def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties", "iso_c"])
 def test_large_tensors_merged_in_row_blocks_give_the_same_merge(method, models, tmp_path, monkeypatch):
-    """Elementwise merges read big tensors a block of rows at a time (32 MiB in float32 by default); with
-    blocks of 1 KiB every 2-D tensor of the tiny model is split, and the merge must not change."""
+    """Elementwise merges, and Iso-C's sum of task vectors, read big tensors a block of rows at a time
+    (32 MiB in float32 by default), full fine-tunes and LoRA adapters alike (B's rows, or A's columns
+    for a transposed delta); with blocks of 1 KiB every 2-D tensor of the tiny model is split, and the
+    merge must not change."""
     root, _, _ = models
-    experts = ("math", "code")  # full fine-tunes: a LoRA expert is read whole
+    experts = ("math", "code", "chat")
     whole = _loaded(_merge(root, tmp_path / "whole", method, experts=experts))
     original = HFPool.row_blocks
     split = []
@@ -416,5 +418,46 @@ def test_large_tensors_merged_in_row_blocks_give_the_same_merge(method, models, 
     monkeypatch.setattr(HFPool, "row_blocks", small)
     blocked = _loaded(_merge(root, tmp_path / "blocked", method, experts=experts))
     assert any(split)
+    lora = set(HFPool(root / "base", {"chat": root / "chat"}).experts["chat"].adapted())
     for k, v in whole.items():
-        assert torch.equal(blocked[k], v), k
+        if k in lora:  # B[rows] @ A is not always (B @ A)[rows] to the last bit: BLAS blocks the product
+            torch.testing.assert_close(blocked[k], v, rtol=0, atol=1e-6, msg=k)
+        else:  # full fine-tunes: the same sums in the same order
+            assert torch.equal(blocked[k], v), k
+
+
+@pytest.mark.parametrize("block_bytes", [None, 1024])
+def test_out_of_core_iso_c_is_the_in_memory_iso_c_bit_for_bit(block_bytes, models, monkeypatch):
+    """Iso-C's streaming version (Δ summed in row blocks, one SVD, θ_0 + α τ over τ's buffer) computes
+    what the whole-model iso_c computes, in the same order: equal to the last bit."""
+    from adamerge.merging.dispatch import merge_stream
+
+    root, _, _ = models
+    if block_bytes is not None:
+        original = HFPool.row_blocks
+        monkeypatch.setattr(HFPool, "row_blocks", lambda self, key, max_bytes=block_bytes: original(self, key, max_bytes))
+    pool = HFPool(root / "base", {"math": root / "math", "code": root / "code"})
+    want = merge_pool(pool, "iso_c", lam=0.7)
+    got = dict(merge_stream(pool, "iso_c", lam=0.7))
+    assert list(got) == pool.merge_keys() and len(got) == len(want)
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_lora_rows_of_embedding_and_linear_adapters_are_peft_s(models, tmp_path):
+    """A LoRA adapter of the embedding stores its delta transposed ((B·A)ᵀ, rows = A's columns); reading
+    a block of rows of it, or of a linear layer's (B's rows), gives those rows of PEFT's merged weights."""
+    root, base, _ = models
+    cfg = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["embed_tokens", "lm_head"], init_lora_weights=False)
+    torch.manual_seed(3)
+    lora = peft.get_peft_model(_llama(0), cfg)
+    lora.save_pretrained(tmp_path / "emb")
+    merged = lora.merge_and_unload().state_dict()
+    pool = HFPool(root / "base", {"emb": tmp_path / "emb"})
+    assert set(pool.experts["emb"].adapted()) == {"model.embed_tokens.weight", "lm_head.weight"}
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        want = merged[key] - base[key]
+        assert want.abs().max() > 1e-3  # the adapter does change the weight
+        for rows in (slice(0, 5), slice(17, 40), slice(60, 64)):
+            torch.testing.assert_close(pool.task_vector_tensor("emb", key, rows), want[rows], rtol=0, atol=1e-6,
+                                       msg=f"{key} {rows}")

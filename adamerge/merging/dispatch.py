@@ -79,12 +79,13 @@ def merge_directions(
 
 
 def out_of_core(method: str) -> str | None:
-    """How ``method`` merges out of core: ``"exact passes"`` (a streaming version reads the stream
-    several times for its whole-model statistics), ``"per tensor"`` (each tensor's merge reads that
-    tensor alone), or None (it needs the whole model in memory)."""
-    if method in STREAMING:
-        return "exact passes"
-    return "per tensor" if method in PER_TENSOR else None
+    """How ``method`` merges out of core: ``"per tensor"`` (each tensor's merge reads that tensor
+    alone), ``"exact passes"`` (a streaming version reads the stream several times for its whole-model
+    statistics), or None (it needs the whole model in memory). A per-tensor method may have a
+    streaming version too (Iso-C's, leaner in memory); :func:`merge_stream` runs it."""
+    if method in PER_TENSOR:
+        return "per tensor"
+    return "exact passes" if method in STREAMING else None
 
 
 @torch.no_grad()
@@ -104,7 +105,7 @@ def merge_stream(
     if method in METHODS and kind is None:
         raise MergeError(f"merging method {method!r} needs a whole-model statistic and has no out-of-core version: "
                          "merge it in memory")
-    if kind == "exact passes":
+    if method in STREAMING:
         yield from call_registered(STREAMING, PRESETS, "merging method", method, stream, tasks, preset, kwargs)
         return
     elementwise = method in ELEMENTWISE and kwargs.get("dare") is None and preset is None

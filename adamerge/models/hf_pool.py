@@ -140,9 +140,9 @@ class HFPool:
 
     def row_blocks(self, key: str, max_bytes: int = 32 << 20) -> list[slice] | None:
         """Row ranges of ``key`` (its shared rows) of at most ``max_bytes`` in float32 each, for
-        elementwise merges; None where the tensor is read whole (1-D, small, or adapted by a LoRA expert)."""
+        elementwise merges; None where the tensor is read whole (1-D or small)."""
         shape = self.base.shape(key)
-        if len(shape) < 2 or any(isinstance(e, LoraExpert) for e in self.experts.values()):
+        if len(shape) < 2:
             return None
         rows, row_bytes = self.rows.get(key, shape[0]), 4 * math.prod(shape[1:])
         if rows * row_bytes <= max_bytes or row_bytes == 0:

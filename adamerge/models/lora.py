@@ -136,21 +136,20 @@ class LoraExpert:
         """Base keys this adapter changes (LoRA deltas and saved full tensors)."""
         return sorted(set(self._lora) | set(self._full))
 
-    def delta(self, key: str) -> Tensor | None:
-        """s·B·A for ``key`` in float32 (None when the adapter has no LoRA weights for it)."""
+    def delta(self, key: str, rows: slice | None = None) -> Tensor | None:
+        """s·B·A for ``key`` in float32, or its ``rows`` (None when the adapter has no LoRA weights for it)."""
         if key not in self._lora:
             return None
         a_name, b_name, embedding, scale = self._lora[key]
         a, b = self.adapter.get(a_name).float(), self.adapter.get(b_name).float()
-        d = b @ a
-        if embedding or self.config.get("fan_in_fan_out"):
-            d = d.t()
-        return d.mul_(scale)
+        if embedding or self.config.get("fan_in_fan_out"):  # the weight is (B·A)ᵀ: its rows are A's columns
+            return (b @ (a if rows is None else a[:, rows])).t().mul_(scale)
+        return ((b if rows is None else b[rows]) @ a).mul_(scale)
 
-    def get(self, key: str) -> Tensor:
-        """θ_k[key] in float32: the saved full tensor or the base's, plus the LoRA delta."""
-        w = (self.adapter.get(self._full[key]) if key in self._full else self.base.get(key)).float()
-        d = self.delta(key)
+    def get(self, key: str, rows: slice | None = None) -> Tensor:
+        """θ_k[key] (or its ``rows``) in float32: the saved full tensor or the base's, plus the LoRA delta."""
+        w = (self.adapter.get(self._full[key], rows) if key in self._full else self.base.get(key, rows)).float()
+        d = self.delta(key, rows)
         if d is None:
             return w
         if d.shape != w.shape:
