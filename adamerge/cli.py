@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import yaml
 from jsonargparse import Namespace, get_loader, set_loader
@@ -45,13 +45,14 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from adamerge.errors import guarded
 from adamerge.files import write_text
 from adamerge.report import RunReport
 from adamerge.short_names import check_short_names
 from adamerge.systems.runs import ConfigError, RunExistsError
 from adamerge.wandb_story import WandbStory
 
-__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "guarded", "learnable_methods",
+__all__ = ["AdaMergeCLI", "ConfigError", "DuplicateKeyError", "RunConfigCallback", "entry", "learnable_methods",
            "main", "methods_text", "static_methods"]
 
 PARSER_MODE = "adamerge_yaml"
@@ -219,8 +220,8 @@ def methods_text() -> str:
     lines += [f"  {n.ljust(width)}  {s}" for n, s in static.items()]
     lines += ["", "Learnable methods (model: {class_path: NAME}; python train.py fit --help lists their options):"]
     lines += [f"  {n.ljust(width)}  {s}" for n, s in learnable.items()]
-    lines += ["", "adamerge merge of Hugging Face models, out of core (one tensor of each model in memory at a time; "
-                  "the result is the in-memory merge exactly) or not:"]
+    lines += ["", ("adamerge merge of Hugging Face models, out of core (one tensor of each model in memory at a "
+                   "time; the result is the in-memory merge exactly) or not:")]
     for kind, what in (("per tensor", "per tensor"), ("exact passes", "in exact passes over the files"),
                        (None, "in memory only (--in_memory)")):
         names = [n for n in static if out_of_core(n) == kind]
@@ -385,25 +386,14 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> AdaMergeCLI:
     return AdaMergeCLI(args=list(args) if args is not None else None, run=run)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from adamerge.errors import AdaMergeError
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors of a run's configuration that :func:`adamerge.errors.guarded` reports in one line,
+    besides :class:`~adamerge.errors.AdaMergeError` and :class:`FileNotFoundError`."""
     from adamerge.systems.runs import CheckpointMismatchError
 
-    return (AdaMergeError, CheckpointMismatchError, RunExistsError, DuplicateKeyError, ConfigError, FileNotFoundError)
-
-
-def guarded(run: Callable[[list[str]], object], args: Sequence[str]) -> None:
-    """``run(args)`` with configuration and file errors ending in one line on stderr and exit status 2
-    (set ``ADAMERGE_TRACEBACK=1`` for the traceback)."""
-    try:
-        run(list(args))
-    except _user_errors() as e:
-        if os.environ.get("ADAMERGE_TRACEBACK"):
-            raise
-        print(f"adamerge: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return (CheckpointMismatchError, RunExistsError, DuplicateKeyError, ConfigError)
 
 
 def entry(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``train.py``: :func:`main` under :func:`guarded`."""
-    guarded(main, sys.argv[1:] if args is None else args)
+    """Entry point of ``train.py``: :func:`main` under :func:`~adamerge.errors.guarded`."""
+    guarded(main, sys.argv[1:] if args is None else args, user_errors())

@@ -8,21 +8,24 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from adamerge.cli import guarded
-from adamerge.cli import main as cli_main
+from adamerge.errors import guarded
 
 __all__ = ["entry"]
 
 
 def entry(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
-    if argv[:1] == ["reproduce"]:
-        from adamerge.reproduce import main as reproduce
-
-        guarded(reproduce, argv[1:])
-    elif argv[:1] == ["merge"]:
+    if argv[:1] == ["merge"]:  # imports neither Lightning nor transformers (a lighter, faster command)
         from adamerge.merge_cli import main as merge
 
         guarded(merge, argv[1:])
+        return
+    from adamerge.cli import main as cli_main
+    from adamerge.cli import user_errors
+
+    if argv[:1] == ["reproduce"]:
+        from adamerge.reproduce import main as reproduce
+
+        guarded(reproduce, argv[1:], user_errors())
     else:
-        guarded(cli_main, argv)
+        guarded(cli_main, argv, user_errors())

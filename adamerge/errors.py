@@ -8,8 +8,26 @@ derive from :class:`AdaMergeError`, and neither from the other, so the layers st
 
 from __future__ import annotations
 
-__all__ = ["AdaMergeError"]
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["AdaMergeError", "guarded"]
 
 
 class AdaMergeError(ValueError):
     """Bad input refused with a message naming the file, task or key at fault."""
+
+
+def guarded(run: Callable[[list[str]], object], args: Sequence[str],
+            errors: tuple[type[BaseException], ...] = ()) -> None:
+    """``run(args)`` with :class:`AdaMergeError`, :class:`FileNotFoundError` and ``errors`` (a command's
+    own user errors) ending in one line on stderr and exit status 2 (set ``ADAMERGE_TRACEBACK=1`` for
+    the traceback). Light on purpose: ``adamerge merge`` imports neither Lightning nor transformers."""
+    try:
+        run(list(args))
+    except (AdaMergeError, FileNotFoundError, *errors) as e:
+        if os.environ.get("ADAMERGE_TRACEBACK"):
+            raise
+        print(f"adamerge: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

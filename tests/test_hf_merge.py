@@ -377,7 +377,8 @@ md.distribution, md.version = hide(md.distribution), hide(md.version)
 
 def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path):
     """The engine reads safetensors and adapter_config.json itself: with both packages unimportable, an
-    out-of-core merge of full and LoRA experts still runs and writes the same files."""
+    out-of-core merge of full and LoRA experts still runs and writes the same files; and the command
+    does not import Lightning (its memory and start-up time count against the merge)."""
     import subprocess
     import sys
 
@@ -386,7 +387,7 @@ def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path
     script = (_BLOCK + "from adamerge.console import entry\n"
               f"entry(['merge', '--base', {str(root / 'base')!r}, '--method', 'ties', '--out', {str(tmp_path / 'without')!r},"
               " '--progress=false'," + ",".join(f"'--experts.{t}={root / t}'" for t in ("math", "code", "chat")) + "])\n"
-              "assert not {'transformers', 'peft'} & set(sys.modules)\n")
+              "assert not {'transformers', 'peft', 'lightning'} & set(sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     shards = sorted(p.name for p in (tmp_path / "with").glob("*.safetensors"))
@@ -461,3 +462,32 @@ def test_lora_rows_of_embedding_and_linear_adapters_are_peft_s(models, tmp_path)
         for rows in (slice(0, 5), slice(17, 40), slice(60, 64)):
             torch.testing.assert_close(pool.task_vector_tensor("emb", key, rows), want[rows], rtol=0, atol=1e-6,
                                        msg=f"{key} {rows}")
+
+
+def test_the_writer_writes_the_pending_shard_before_a_tensor_that_will_not_fit_is_computed(tmp_path):
+    """``make_room`` (called by the merge with the next tensor's size before computing it) writes the
+    pending shard early, so it is not held in memory meanwhile; the shards are the ones ``add`` alone writes."""
+    from safetensors.torch import load_file
+
+    from adamerge.models.safetensors_folder import ShardedWriter
+
+    # 40, 40, 120, 20, 160 bytes with shards of at most 100: [t0 t1] [t2] [t3] [t4]
+    tensors = {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate((10, 10, 30, 5, 40))}
+    on_disk_before = {"t0": 0, "t1": 0, "t2": 1, "t3": 2, "t4": 3}  # shards written when t_i's room is made
+    layouts = []
+    for early in (False, True):
+        folder = tmp_path / str(early)
+        folder.mkdir()
+        w = ShardedWriter(folder, max_shard_bytes=100)
+        for key, t in tensors.items():
+            if early:
+                w.make_room(t.numel() * 4)
+                assert len(list(folder.glob(".shard-*"))) == on_disk_before[key], key
+            w.add(key, t)
+        paths = w.close()
+        layouts.append([(p.name, sorted(load_file(p))) for p in paths])
+        for p in paths:
+            for k, v in load_file(p).items():
+                assert torch.equal(v, tensors[k])
+    assert layouts[0] == layouts[1]
+    assert [keys for _, keys in layouts[0]] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]

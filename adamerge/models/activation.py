@@ -34,7 +34,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import open_clip
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -173,6 +172,8 @@ def activation_of_module(module: nn.Module, source: str = "module") -> Activatio
 def activation_of_tag(model_name: str, tag: str) -> Activation | None:
     """The activation open_clip's pretrained ``tag`` of ``model_name`` was trained with (None: a tag
     open_clip does not know, e.g. a file path)."""
+    import open_clip  # imported where used: ``adamerge merge`` of HF models loads this module without it
+
     cfg = open_clip.pretrained.get_pretrained_cfg(model_name, tag)
     if not cfg:
         return None
@@ -184,6 +185,8 @@ def activation_of_tag(model_name: str, tag: str) -> Activation | None:
 def configured_activation(model_name: str, cfg: Mapping | None = None) -> str:
     """``"quick_gelu"`` or ``"gelu"``: what open_clip builds for ``model_name`` (or ``cfg``)."""
     if cfg is None:
+        import open_clip
+
         cfg = open_clip.get_model_config(model_name)
         if cfg is None:
             raise ValueError(f"unknown open_clip model {model_name!r}; register a config JSON with model_config=")
@@ -191,6 +194,8 @@ def configured_activation(model_name: str, cfg: Mapping | None = None) -> str:
 
 
 def _fix(model_name: str, needed: str) -> str:
+    import open_clip
+
     known = open_clip.list_models()
     if needed == QUICK_GELU:
         other = f"{model_name}-quickgelu"
@@ -239,7 +244,10 @@ def export_metadata(model: nn.Module, model_name: str | None = None, cfg: Mappin
     if found is not None:
         meta["activation"] = found.name
     if model_name is not None:
-        cfg = open_clip.get_model_config(model_name) if cfg is None else cfg
+        if cfg is None:
+            import open_clip
+
+            cfg = open_clip.get_model_config(model_name)
         meta["open_clip_model"] = model_name
         if cfg is not None:
             meta["open_clip_config"] = json.dumps({**cfg, "quick_gelu": bool(cfg.get("quick_gelu", False))})

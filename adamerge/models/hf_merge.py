@@ -14,6 +14,7 @@ existing ``out`` is refused unless ``overwrite``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -129,6 +130,15 @@ def merge_hf(
                         desc=f"adamerge merge {method}")
 
 
+def _out_bytes(pool: HFPool, key: str, rows: dict[str, int], dtype: torch.dtype | None) -> int:
+    """The size of the output tensor ``key`` (its vocabulary rows, the output dtype if a float)."""
+    shape, stored = list(pool.base.shape(key)), pool.base.dtype(key)
+    if key in rows:
+        shape[0] = rows[key]
+    to = dtype if dtype is not None and stored.is_floating_point else stored
+    return math.prod(shape) * to.itemsize
+
+
 def check_target(out: str | os.PathLike, overwrite: bool) -> Path:
     """``out`` as a path; an existing one is refused unless ``overwrite``."""
     target = Path(out)
@@ -167,9 +177,10 @@ def write_folder(
     merged = iter(merged)
     with atomic_dir(target, manifest=json.loads(json.dumps(manifest, default=str))) as tmp:
         writer = ShardedWriter(tmp, shard_bytes, metadata={"adamerge_method": str(manifest.get("method"))})
-        merge_keys = set(pool.merge_keys())
+        merge_keys, rows = set(pool.merge_keys()), pool.vocab_rows()
         bar = tqdm(pool.keys(), desc=desc, unit="tensor", disable=not progress)
         for key in bar:
+            writer.make_room(_out_bytes(pool, key, rows, out_dtype))
             if key in merge_keys:
                 got, tensor = next(merged)
                 if got != key:

@@ -210,12 +210,18 @@ class ShardedWriter:
         self._written: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
+    def make_room(self, size: int) -> None:
+        """Write the pending shard now if a tensor of ``size`` bytes will not fit in it: called before
+        that tensor is computed, so the pending tensors are not held while it is (the shards are the
+        ones :meth:`add` alone would write)."""
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+
     def add(self, key: str, tensor: Tensor) -> None:
         if key in self._pending or any(key in keys for _, keys in self._written):
             raise FolderError(f"tensor {key!r} written twice")
         size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
+        self.make_room(size)
         self._pending[key] = tensor.detach().to("cpu").contiguous()
         self._pending_bytes += size
         self.total_bytes += size
