@@ -399,7 +399,7 @@ def test_merging_hf_folders_needs_neither_transformers_nor_peft(models, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties", "iso_c"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "weight_average", "ties", "iso_c", "tsv_m"])
 def test_large_tensors_merged_in_row_blocks_give_the_same_merge(method, models, tmp_path, monkeypatch):
     """Elementwise merges, and Iso-C's sum of task vectors, read big tensors a block of rows at a time
     (32 MiB in float32 by default), full fine-tunes and LoRA adapters alike (B's rows, or A's columns
@@ -427,10 +427,12 @@ def test_large_tensors_merged_in_row_blocks_give_the_same_merge(method, models, 
             assert torch.equal(blocked[k], v), k
 
 
+@pytest.mark.parametrize("method", ["iso_c", "tsv_m"])
 @pytest.mark.parametrize("block_bytes", [None, 1024])
-def test_out_of_core_iso_c_is_the_in_memory_iso_c_bit_for_bit(block_bytes, models, monkeypatch):
-    """Iso-C's streaming version (Δ summed in row blocks, one SVD, θ_0 + α τ over τ's buffer) computes
-    what the whole-model iso_c computes, in the same order: equal to the last bit."""
+def test_streaming_svd_merges_are_the_in_memory_merges_bit_for_bit(method, block_bytes, models, monkeypatch):
+    """The streaming versions of Iso-C (Δ summed in row blocks, one SVD) and TSV-M (one τ and its
+    SVD at a time, then the stacks), each writing θ_0 + α τ over τ's buffer, compute what the
+    whole-model merge computes, in the same order: equal to the last bit."""
     from adamerge.merging.dispatch import merge_stream
 
     root, _, _ = models
@@ -438,8 +440,8 @@ def test_out_of_core_iso_c_is_the_in_memory_iso_c_bit_for_bit(block_bytes, model
         original = HFPool.row_blocks
         monkeypatch.setattr(HFPool, "row_blocks", lambda self, key, max_bytes=block_bytes: original(self, key, max_bytes))
     pool = HFPool(root / "base", {"math": root / "math", "code": root / "code"})
-    want = merge_pool(pool, "iso_c", lam=0.7)
-    got = dict(merge_stream(pool, "iso_c", lam=0.7))
+    want = merge_pool(pool, method, lam=0.7)
+    got = dict(merge_stream(pool, method, lam=0.7))
     assert list(got) == pool.merge_keys() and len(got) == len(want)
     for k, v in want.items():
         assert torch.equal(got[k], v), k
@@ -491,3 +493,52 @@ def test_the_writer_writes_the_pending_shard_before_a_tensor_that_will_not_fit_i
                 assert torch.equal(v, tensors[k])
     assert layouts[0] == layouts[1]
     assert [keys for _, keys in layouts[0]] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+
+
+class _DictStream:
+    """θ_0 and experts as in-memory state dicts behind the TensorStream protocol (any key names)."""
+
+    def __init__(self, base, experts):
+        self.base, self.experts = base, experts
+
+    def check_tasks(self, tasks):
+        return list(tasks or self.experts)
+
+    def merge_keys(self):
+        return list(self.base)
+
+    def pretrained_tensor(self, key, rows=None):
+        return self.base[key].clone() if rows is None else self.base[key][rows].clone()
+
+    def task_vector_tensor(self, task, key, rows=None):
+        t = self.experts[task][key] - self.base[key]
+        return t if rows is None else t[rows].clone()
+
+    def pretrained_state(self):
+        return {k: v.clone() for k, v in self.base.items()}
+
+    def task_vectors(self, tasks=None):
+        for t in self.check_tasks(tasks):
+            yield t, {k: self.experts[t][k] - self.base[k] for k in self.base}
+
+
+@pytest.mark.parametrize("method", ["iso_c", "tsv_m"])
+@pytest.mark.parametrize("split_qkv", [True, False])
+def test_streaming_svd_merges_split_a_fused_qkv_as_the_in_memory_merges_do(method, split_qkv):
+    """open_clip's fused in_proj_weight [3d, d] is three matrices with split_qkv (one SVD each) and one
+    [3d, d] matrix without; the streaming versions take the same choice as iso_c / tsv_merge (a wrong
+    one changes every entry: the flat spectrum or the rank budget is per matrix)."""
+    from adamerge.merging.dispatch import merge_stream
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"attn.in_proj_weight": (12, 4), "attn.in_proj_bias": (12,), "mlp.c_fc.weight": (6, 5),
+              "ln.weight": (5,)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in "abc"}
+    stream = _DictStream(base, experts)
+    want = merge_pool(stream, method, lam=0.6, split_qkv=split_qkv)
+    got = dict(merge_stream(stream, method, lam=0.6, split_qkv=split_qkv))
+    for k in shapes:
+        assert torch.equal(got[k], want[k]), k
+    other = merge_pool(stream, method, lam=0.6, split_qkv=not split_qkv)
+    assert not torch.allclose(other["attn.in_proj_weight"], got["attn.in_proj_weight"], atol=1e-4)

@@ -27,7 +27,7 @@ from torch import Tensor
 from adamerge.merging._common import check_lam
 from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.iso import is_iso_matrix
-from adamerge.merging.registry import TensorStream, register_streaming, row_blocks
+from adamerge.merging.registry import TensorStream, plus_pretrained, register_streaming, row_blocks
 from adamerge.merging.task_vectors import MergeError
 
 __all__ = ["iso_c_stream", "summed_task_vector"]
@@ -96,11 +96,7 @@ def iso_c_stream(
             parts = [delta]
             del delta
             tau = _merged(key, parts, pick, len(tasks), device)
-        blocks = row_blocks(stream, key) or [slice(None)]
-        for rows in blocks:  # θ_0 + α τ, as add_task_vector computes it, over τ's own buffer
-            base = stream.pretrained_tensor(key) if rows == slice(None) else stream.pretrained_tensor(key, rows)
-            tau[rows] = base.float() + lam * tau[rows].float()
-        yield key, tau
+        yield key, plus_pretrained(stream, key, tau, lam)
 
 
 def _merged(name: str, parts: list[Tensor], pick: Callable[[str, Tensor], bool], num_tasks: int,

@@ -35,6 +35,7 @@ __all__ = [
     "OneTensor",
     "TaskVectorSource",
     "TensorStream",
+    "plus_pretrained",
     "register_directions",
     "register_method",
     "register_streaming",
@@ -113,6 +114,16 @@ def row_blocks(stream: TensorStream, key: str) -> list[slice] | None:
     """The stream's row blocks of ``key`` for an elementwise merge (None: the tensor whole)."""
     blocks = getattr(stream, "row_blocks", None)
     return blocks(key) if blocks is not None else None
+
+
+def plus_pretrained(stream: TensorStream, key: str, tau: Tensor, lam: float) -> Tensor:
+    """θ_0[key] + λ·τ as :func:`~adamerge.merging.task_vectors.add_task_vector` computes it (float32),
+    written over ``tau``'s own buffer a block of rows of θ_0 at a time (the stream's row blocks), so a
+    streaming merge holds no second float32 copy of a big tensor."""
+    for rows in row_blocks(stream, key) or [slice(None)]:
+        base = stream.pretrained_tensor(key) if rows == slice(None) else stream.pretrained_tensor(key, rows)
+        tau[rows] = base.float() + lam * tau[rows].float()
+    return tau
 
 
 def _on_pool(fn: MergeFn) -> MergeFn:

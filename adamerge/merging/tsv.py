@@ -53,7 +53,8 @@ from adamerge.merging.fused import QKVLayout, svd
 from adamerge.merging.registry import register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
-__all__ = ["is_tsv_matrix", "tsv_directions", "tsv_merge", "tsv_merge_weight", "tsv_rank", "tsv_weight_parts"]
+__all__ = ["is_tsv_matrix", "orthogonalised_stack", "task_components", "tsv_directions", "tsv_merge", "tsv_merge_weight",
+           "tsv_rank", "tsv_weight_parts"]
 
 
 def is_tsv_matrix(key: str, tensor: Tensor) -> bool:
@@ -87,14 +88,32 @@ def _orthogonalised(taus: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, lis
     """(U⊥, Σ, V⊥ᵀ, [k_1..k_K]) of one 2-D weight, k_i the components task i put in the stack; None
     when nothing is kept (rank 0, or all-zero task vectors)."""
     m, n = taus[0].shape
-    rank = tsv_rank(m, n, len(taus))
-    parts = [_top_components(t.float(), rank) for t in taus] if rank else []
+    if not tsv_rank(m, n, len(taus)):
+        return None
+    return orthogonalised_stack([task_components(t.float(), len(taus)) for t in taus])
+
+
+def task_components(tau: Tensor, num_tasks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U_k, σ_k, V_kᵀ): the top k = ⌊min(m, n)/K⌋ ≥ 1 singular triplets of one task's [m, n] τ
+    (float32) that TSV-M stacks, numerically zero ones left out; fresh tensors (a boolean selection),
+    so ``tau`` and its full SVD can be freed (:mod:`adamerge.merging.tsv_stream` reads one τ at a time)."""
+    return _top_components(tau, tsv_rank(*tau.shape, num_tasks))
+
+
+def orthogonalised_stack(
+    parts: list[tuple[Tensor, Tensor, Tensor]],
+) -> tuple[Tensor, Tensor, Tensor, list[int]] | None:
+    """(U⊥, Σ, V⊥ᵀ, [k_1..k_K]) from each task's :func:`task_components`; None when none is kept.
+    ``parts`` is emptied once stacked, so that the components are freed before the SVDs of the stacks."""
     sigma = torch.cat([s for _, s, _ in parts]) if parts else None
     if sigma is None or sigma.numel() == 0:
         return None
-    u_orth = _polar(torch.cat([u for u, _, _ in parts], dim=1))
-    vh_orth = _polar(torch.cat([vh for _, _, vh in parts], dim=0))
-    return u_orth, sigma, vh_orth, [s.numel() for _, s, _ in parts]
+    sizes = [s.numel() for _, s, _ in parts]
+    u_stack, vh_stack = torch.cat([u for u, _, _ in parts], dim=1), torch.cat([vh for _, _, vh in parts], dim=0)
+    parts.clear()
+    u_orth = _polar(u_stack)
+    del u_stack
+    return u_orth, sigma, _polar(vh_stack), sizes
 
 
 def tsv_merge_weight(taus: Sequence[Tensor]) -> Tensor:
