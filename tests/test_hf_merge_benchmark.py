@@ -166,3 +166,42 @@ def test_mergekit_task_arithmetic_matches_and_its_per_tensor_ties_differs(tmp_pa
     assert ties["fraction_differing"] > 0.01  # per-tensor trimming keeps other entries than whole-model
     assert record["out_of_core_equals_in_memory"] == {"task_arithmetic": True, "ties": True}
     assert {r["run"] for r in record["runs"]} >= {"mergekit task_arithmetic", "mergekit ties"}
+
+
+def _speed_script():
+    path = SCRIPT.with_name("hf_merge_speed.py")
+    spec = importlib.util.spec_from_file_location("hf_merge_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
+    return module
+
+
+def test_the_speed_summary_takes_medians_of_times_and_of_per_round_ratios():
+    """Three rounds where the median of the ratios (1.0, from round 2) is not the ratio of the medians
+    (2.5 / 4 = 0.625): a summary that divided medians, or took means, would say otherwise."""
+    speed = _speed_script()
+    times = [(1.0, 4.0), (3.0, 3.0), (2.5, 1.0)]  # (adamerge, mergekit) merge seconds per round
+    rounds = [[{"method": "ties", "tool": "adamerge", "merge_s": a, "wall_s": a + 1},
+               {"method": "ties", "tool": "mergekit", "merge_s": m, "wall_s": m + 1}] for a, m in times]
+    got = speed.summary(rounds, ["ties"])["ties"]
+    assert got["adamerge"]["median_merge_s"] == 2.5 and got["mergekit"]["median_merge_s"] == 3.0
+    assert got["adamerge_over_mergekit_merge_s"] == {"median": 1.0, "min": 0.25, "max": 2.5}
+    assert got["adamerge_over_mergekit_wall_s"]["median"] == 4.0 / 4.0
+
+
+def test_the_speed_run_without_mergekit_times_adamerge_alone(tmp_path):
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(SCRIPT.with_name("hf_merge_speed.py")), "--small", "--work", str(tmp_path / "w"),
+           "--rounds", "2", "--methods", "task_arithmetic", "--mergekit_venv", str(tmp_path / "none"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    record = json.loads(out.read_text())
+    assert "mergekit skipped" in record["mergekit"]["note"] and len(record["rounds"]) == 2
+    ta = record["summary"]["task_arithmetic"]
+    assert set(ta) == {"adamerge"}  # no ratio without mergekit
+    times = sorted(r[0]["merge_s"] for r in record["rounds"])
+    assert ta["adamerge"]["median_merge_s"] == pytest.approx(sum(times) / 2)
