@@ -499,6 +499,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         "out_of_core_equals_in_memory": {m: c["identical"] for m in args.methods
                                          if (c := comps.get(f"{m}: out-of-core vs in-memory"))},
     }
+    return write_record(out, record)
+
+
+def write_record(out: Path, record: dict) -> dict:
+    """Write ``record`` as JSON to ``out`` (folders made) and say so; returns it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {out}")

@@ -99,10 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
               "config": {"shape": shape, "experts": args.experts, "rounds": args.rounds, "methods": args.methods,
                          "lam": args.lam, "keep": args.keep, "shard_size": args.shard_size},
               "commands": {r["label"]: r["shell"] for r in plan}, "summary": result, "rounds": rounds}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
-    return record
+    return mem.write_record(out, record)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from adamerge.merging.task_vectors import MergeError, StateDict, is_mergeable
 
-__all__ = ["PARTS", "QKVLayout", "split_qkv", "splits_fused_qkv", "svd"]
+__all__ = ["PARTS", "QKVLayout", "check_split_qkv", "split_qkv", "splits_fused_qkv", "svd"]
 
 PARTS = ("q", "k", "v")
 _FUSED = {"weight": "in_proj_weight", "bias": "in_proj_bias"}
@@ -170,8 +170,7 @@ def splits_fused_qkv(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict
 
     @functools.wraps(fn)
     def run(pretrained: StateDict, task_vectors, *args, split_qkv: bool = True, **kwargs) -> dict[str, Tensor]:
-        if not isinstance(split_qkv, bool):
-            raise MergeError(f"split_qkv must be True or False, got {split_qkv!r}")
+        check_split_qkv(split_qkv)
         layout = QKVLayout.of(pretrained) if isinstance(pretrained, Mapping) and split_qkv else QKVLayout()
         if not layout or isinstance(task_vectors, Mapping):  # nothing to split / let fn report misuse
             return fn(pretrained, task_vectors, *args, **kwargs)
@@ -183,6 +182,13 @@ def splits_fused_qkv(fn: Callable[..., dict[str, Tensor]]) -> Callable[..., dict
 
     run.splits_fused_qkv = True  # type: ignore[attr-defined]
     return run
+
+
+def check_split_qkv(value: object, method: str | None = None) -> bool:
+    """``value`` when it is True or False; else a :class:`MergeError` naming ``method``'s option."""
+    if not isinstance(value, bool):
+        raise MergeError(f"{method + ' ' if method else ''}split_qkv must be True or False, got {value!r}")
+    return value
 
 
 def svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -25,10 +25,9 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_lam
-from adamerge.merging.fused import QKVLayout, svd
+from adamerge.merging.fused import QKVLayout, check_split_qkv, svd
 from adamerge.merging.iso import is_iso_matrix
 from adamerge.merging.registry import TensorStream, plus_pretrained, register_streaming, row_blocks
-from adamerge.merging.task_vectors import MergeError
 
 __all__ = ["iso_c_stream", "summed_task_vector"]
 
@@ -80,8 +79,7 @@ def iso_c_stream(
     """Iso-C out of core: yields ``(key, θ[key])`` for every key of ``stream.merge_keys()``; the
     arguments are :func:`~adamerge.merging.iso.iso_c`'s."""
     lam = check_lam(lam)
-    if not isinstance(split_qkv, bool):
-        raise MergeError(f"split_qkv must be True or False, got {split_qkv!r}")
+    check_split_qkv(split_qkv)
     pick = is_matrix or is_iso_matrix
     for key in stream.merge_keys():
         delta = summed_task_vector(stream, tasks, key)

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus, float_keys
-from adamerge.merging.fused import QKVLayout, svd
+from adamerge.merging.fused import QKVLayout, check_split_qkv, svd
 from adamerge.merging.registry import register_directions, register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
@@ -179,8 +179,7 @@ def tsv_merge(
     taus = check_taus(taus)
     check_against_pretrained(pretrained, taus)
     lam = check_lam(lam)
-    if not isinstance(split_qkv, bool):
-        raise MergeError(f"tsv split_qkv must be True or False, got {split_qkv!r}")
+    check_split_qkv(split_qkv, "tsv")
     layout = QKVLayout.of(pretrained) if split_qkv else QKVLayout()
     pre = layout.split(pretrained, name="pretrained state dict")
     taus = [layout.split(t, name=f"task vector {i}") for i, t in enumerate(taus)]
@@ -217,8 +216,7 @@ def tsv_directions(
     """
     taus = check_taus(taus)
     check_against_pretrained(pretrained, taus)
-    if not isinstance(split_qkv, bool):
-        raise MergeError(f"tsv split_qkv must be True or False, got {split_qkv!r}")
+    check_split_qkv(split_qkv, "tsv")
     layout = QKVLayout.of(pretrained) if split_qkv else QKVLayout()
     split = [layout.split(t, name=f"task vector {i}") for i, t in enumerate(taus)]
     chosen = is_svd_merged or is_tsv_matrix

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_lam
-from adamerge.merging.fused import QKVLayout
+from adamerge.merging.fused import QKVLayout, check_split_qkv
 from adamerge.merging.registry import TensorStream, plus_pretrained, register_streaming
-from adamerge.merging.task_vectors import MergeError
 from adamerge.merging.tsv import is_tsv_matrix, orthogonalised_stack, task_components, tsv_rank
 
 __all__ = ["tsv_stream"]
@@ -43,8 +42,7 @@ def tsv_stream(
     """TSV-M out of core: yields ``(key, θ[key])`` for every key of ``stream.merge_keys()``; the
     arguments are :func:`~adamerge.merging.tsv.tsv_merge`'s."""
     lam = check_lam(lam)
-    if not isinstance(split_qkv, bool):
-        raise MergeError(f"tsv split_qkv must be True or False, got {split_qkv!r}")
+    check_split_qkv(split_qkv, "tsv")
     chosen = is_svd_merged or is_tsv_matrix
     for key in stream.merge_keys():
         yield key, plus_pretrained(stream, key, _merged_tau(stream, tasks, key, chosen, split_qkv, device), lam)

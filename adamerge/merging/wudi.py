@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from adamerge.merging._common import check_against_pretrained, check_lam, check_taus, float_keys
-from adamerge.merging.fused import splits_fused_qkv
+from adamerge.merging.fused import check_split_qkv, splits_fused_qkv
 from adamerge.merging.registry import register_method
 from adamerge.merging.task_vectors import MergeError, StateDict, add_task_vector
 
@@ -130,8 +130,7 @@ def _check_args(variant: str, lr: float, iters: int, split_qkv: bool) -> None:
         raise MergeError(f"wudi lr must be a finite number > 0, got {lr!r}")
     if isinstance(iters, bool) or not isinstance(iters, (int, float)) or int(iters) != iters or iters < 0:
         raise MergeError(f"wudi iters must be an integer >= 0, got {iters!r}")
-    if not isinstance(split_qkv, bool):
-        raise MergeError(f"wudi split_qkv must be True or False, got {split_qkv!r}")
+    check_split_qkv(split_qkv, "wudi")
 
 
 def _wudi(
