@@ -62,8 +62,8 @@ def test_defaults_and_task_validation():
         TestTimeDataModule(src, tasks=["task0", "mnist"])
     with pytest.raises(ValueError, match="empty task list"):
         TestTimeDataModule(src, tasks=[])
-    with pytest.raises(ValueError, match="duplicate task"):
-        TestTimeDataModule(src, tasks=["task0", "task0"])
+    with pytest.raises(ValueError, match=r"task 'task2' is listed twice in \['task2', 'task0', 'task2'\]"):
+        TestTimeDataModule(src, tasks=["task2", "task0", "task2"])
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         TestTimeDataModule(src, batch_size=0)
     with pytest.raises(ValueError, match="unknown split"):

@@ -54,7 +54,7 @@ def test_coefficients_for_another_task_count_are_refused_on_resume():
 @pytest.mark.parametrize("where", ["pool.task_vectors", "datamodule", "system", "adamerging"])
 def test_a_task_listed_twice_is_refused_everywhere(where):
     pool, dup = make_tiny_pool(3), ["task1", "task0", "task1"]
-    with pytest.raises(ValueError, match=r"task 'task1' is listed twice|duplicate task"):
+    with pytest.raises(ValueError, match=r"task 'task1' is listed twice"):
         if where == "pool.task_vectors":
             list(pool.task_vectors(dup))  # would stream (and merge) task1 twice
         elif where == "datamodule":

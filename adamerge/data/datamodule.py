@@ -197,8 +197,9 @@ class TestTimeDataModule(L.LightningDataModule):
         unknown = [t for t in self.tasks if t not in available]
         if unknown:
             raise ValueError(f"task {unknown[0]!r} is not in the data source (source tasks: {available})")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"duplicate task in {self.tasks}")
+        dup = next((t for i, t in enumerate(self.tasks) if t in self.tasks[:i]), None)
+        if dup is not None:
+            raise ValueError(f"task {dup!r} is listed twice in {self.tasks}")
         self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
         self.num_workers, self.seed = int(num_workers), int(seed)
         self.eval_split = check_split(eval_split)
