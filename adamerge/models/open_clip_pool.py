@@ -57,7 +57,7 @@ from adamerge.models.hub import (
     resolve_checkpoint,
     resolve_pretrained,
 )
-from adamerge.models.pool import ModelPool
+from adamerge.models.pool import ModelPool, check_task_list
 
 __all__ = ["ExpertFile", "OpenCLIPPool", "TaskLookup", "load_clip", "model_config_of", "register_model_config",
            "task_lookup"]
@@ -337,16 +337,7 @@ class OpenCLIPPool(ModelPool):
             raise ValueError("empty expert list: a model pool needs at least one expert")
         for t in experts:
             lookup(t)  # the lookup's error names the task (the registry's also the known ones)
-        tasks = list(experts) if tasks is None else list(tasks)
-        if not tasks:
-            raise ValueError("empty task list")
-        dup = next((t for i, t in enumerate(tasks) if t in tasks[:i]), None)
-        if dup is not None:
-            raise ValueError(f"task {dup!r} is listed twice in tasks {tasks}")
-        missing = [t for t in tasks if t not in experts]
-        if missing:
-            raise ValueError(f"task {missing[0]!r} has no expert checkpoint (experts: {sorted(experts)})")
-        return tasks
+        return check_task_list(list(experts) if tasks is None else tasks, list(experts))
 
     def _build_heads(
         self, tasks: list[str], lookup: Callable[[str], ZeroShotTask], cache_dir: str | None, device: str
