@@ -191,3 +191,191 @@ def test_a_small_view_of_a_large_tensor_is_saved_alone(tmp_path):
     path = save_state_dict({"head": big[:5]}, tmp_path / "head.pt")
     assert path.stat().st_size < 20_000
     assert torch.equal(read_state_dict(path)["head"], torch.zeros(5))
+
+
+# ---- session 8: what the loaders do on files from elsewhere -----------------------------------------
+def test_an_error_without_a_message_is_reported_by_its_class(tmp_path):
+    # an empty .pt file: torch.load(weights_only=True) raises EOFError with an empty message, so the report
+    # must fall back to the exception's class name (not index an empty line list, not name NoneType)
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(path)
+    assert str(err.value) == f"{path}: corrupt or truncated checkpoint: EOFError"
+
+
+@pytest.mark.parametrize("pickled", [False, True])
+def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch, pickled):
+    # torch.save records each storage's device; tagging them "cuda:0" (as a GPU run does) makes a plain
+    # torch.load restore them to CUDA: on a CPU-only machine that raises, on a GPU machine the tensors end
+    # up on the GPU. The loaders must map every storage to the CPU, for state dicts and pickled modules.
+    import torch.serialization
+
+    path = tmp_path / ("module.pt" if pickled else "sd.pt")
+    torch.manual_seed(0)
+    obj = Wrapper() if pickled else {"w": torch.arange(3.0)}
+    want = obj.state_dict() if pickled else obj
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(obj, path)
+    got = read_state_dict(path, allow_pickle=pickled)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].device.type == "cpu" and torch.equal(got[k], v), k
+
+
+def test_a_sharded_hf_index_is_read_as_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    # shard names with non-ASCII letters, and an open() whose default encoding is latin-1 (a Windows or
+    # POSIX-C locale): only an explicit encoding="utf-8" finds the shard the index names
+    from safetensors.torch import save_file
+
+    import adamerge.models.checkpoints as ckpt
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    cfg = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model", **HF_VISION_CONFIG}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    shards = {"modèle-00001.safetensors": {"a": torch.ones(2)}, "modèle-00002.safetensors": {"b": torch.zeros(3)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(folder / name))
+    index = {"weight_map": {"a": "modèle-00001.safetensors", "b": "modèle-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, ensure_ascii=False), encoding="utf-8")
+
+    real_open = open
+
+    def latin1_by_default(file, mode="r", *args, encoding=None, **kwargs):
+        if "b" not in mode and encoding is None:
+            encoding = "latin-1"
+        return real_open(file, mode, *args, encoding=encoding, **kwargs)
+
+    monkeypatch.setattr(ckpt, "open", latin1_by_default, raising=False)
+    got = read_state_dict(folder)
+    assert sorted(got) == ["a", "b"]
+    assert torch.equal(got["a"], torch.ones(2)) and torch.equal(got["b"], torch.zeros(3))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_gpu_state_dict_is_written_as_cpu_tensors(tmp_path):
+    # the saved file must not record CUDA storages: a plain torch.load (no map_location) of it gives CPU
+    # tensors, so it opens on a machine without a GPU
+    state = {"w": torch.arange(4.0, device="cuda"), "b": torch.ones(2, device="cuda")}
+    path = save_state_dict(state, tmp_path / "gpu.pt")
+    back = torch.load(str(path), weights_only=True)
+    assert {k: v.device.type for k, v in back.items()} == {"w": "cpu", "b": "cpu"}
+    assert torch.equal(back["w"], torch.arange(4.0))
+
+
+def test_pickles_stay_refused_when_the_environment_relaxes_torchs_default(tmp_path, monkeypatch):
+    # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 turns torch.load's *default* weights_only into False (it only
+    # yields to an explicit weights_only=True): the safe reader must pass True itself, so a pickle is
+    # still refused and no code from the file runs
+    _pickled(tmp_path / "m.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(PickledCheckpointError):
+        read_state_dict(tmp_path / "m.pt")
+
+
+def test_the_pickle_refusal_is_worded_exactly(tmp_path):
+    path = tmp_path / "m.pt"
+    _pickled(path)
+    with pytest.raises(PickledCheckpointError) as err:
+        read_state_dict(path)
+    assert str(err.value) == (
+        f"{path} is a pickled checkpoint (e.g. a task_vectors ImageEncoder module), which "
+        "torch.load(weights_only=True) refuses. Unpickling runs arbitrary code from the file: "
+        "pass allow_pickle=True only if you trust it.")
+
+
+def test_a_refused_legacy_pickle_ends_with_torchs_first_line(tmp_path):
+    # the refusal of a non-zip file carries the first line of torch's own UnpicklingError as its detail
+    path = tmp_path / "old.pt"
+    _pickled(path, legacy=True)
+    try:
+        torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever torch raises, its first line is the detail
+        first = str(e).strip().splitlines()[0]
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(path)
+    assert str(err.value) == (
+        f"{path}: not a readable torch checkpoint (corrupt, truncated, or a legacy non-zip pickle; for the latter "
+        f"pass allow_pickle=True only if you trust the file): {first}")
+    assert first and first != "None"
+
+
+def test_hf_conversion_errors_name_the_source(tmp_path):
+    # an HF-layout dict with a key no CLIP has: the error names what was converted, by default "state dict",
+    # else the name given (load_visual_state gives the file's path)
+    from safetensors.torch import save_file
+
+    state = {"vision_model.bogus.weight": torch.zeros(2)}
+    with pytest.raises(CheckpointError) as err:
+        to_visual_state(state)
+    assert str(err.value) == "state dict: unknown HF key 'vision_model.bogus.weight'"
+    with pytest.raises(CheckpointError) as err:
+        to_visual_state(state, source="expert A")
+    assert str(err.value) == "expert A: unknown HF key 'vision_model.bogus.weight'"
+    path = tmp_path / "hf_like.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError) as err:
+        load_visual_state(path)
+    assert str(err.value) == f"{path}: unknown HF key 'vision_model.bogus.weight'"
+
+
+def test_the_recorded_activation_is_checked_against_the_given_model_and_config(tmp_path):
+    # a file whose metadata says QuickGELU; ViT-B-32's own open_clip config runs GELU. With a config that
+    # says quick_gelu it loads (so the config given is the one used, not open_clip's); with one that does
+    # not, the refusal names the model given
+    from safetensors.torch import save_file
+
+    from adamerge.models.activation import ActivationMismatchError
+
+    path = tmp_path / "q.safetensors"
+    save_file({"proj": torch.ones(2)}, str(path), metadata={"activation": "quick_gelu"})
+    got = load_visual_state(path, model_name="ViT-B-32", model_config={"embed_dim": 512, "quick_gelu": True})
+    assert torch.equal(got["proj"], torch.ones(2))
+    with pytest.raises(ActivationMismatchError) as err:
+        load_visual_state(path, model_name="ViT-B-32", model_config={"embed_dim": 512})
+    assert f"{path}:" in str(err.value) and "open_clip model 'ViT-B-32' runs GELU" in str(err.value)
+    load_visual_state(path)  # no model given: nothing to check against
+
+
+class GeluNet(nn.Module):
+    """A pickled module running GELU (importable from this test module): its activation is on record."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.act = nn.GELU()
+
+
+def test_read_checkpoint_records_a_pickled_modules_activation_and_refuses_by_default(tmp_path):
+    from adamerge.models.activation import Activation
+    from adamerge.models.checkpoints import read_checkpoint
+
+    path = tmp_path / "gelu.pt"
+    torch.manual_seed(0)
+    torch.save(GeluNet(), path)
+    with pytest.raises(PickledCheckpointError):
+        read_checkpoint(path)  # allow_pickle defaults to False here too
+    state, found = read_checkpoint(path, allow_pickle=True)
+    assert set(state) == {"lin.weight", "lin.bias"}
+    assert found == Activation("gelu", str(path), "its pickled modules are torch.nn.modules.activation.GELU")
+    plain = tmp_path / "plain.pt"
+    torch.save(state, plain)
+    assert read_checkpoint(plain)[1] is None  # a plain state dict records none
+
+
+def test_unknown_suffixes_and_empty_safetensors_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    odd = tmp_path / "model.onnx"
+    odd.write_bytes(b"x")
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(odd)
+    assert str(err.value) == (f"{odd}: unknown checkpoint suffix '.onnx'; expected .safetensors, .pt, .pth, .bin, "
+                              ".ckpt or a folder")
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(empty)
+    assert str(err.value) == f"{empty}: expected a state dict (name → tensor), got dict"
