@@ -27,6 +27,7 @@ from adamerge.merging.registry import (
     OneTensor,
     TaskVectorSource,
     TensorStream,
+    by_row_blocks,
     row_blocks,
 )
 from adamerge.merging.task_vectors import MergeError
@@ -111,19 +112,12 @@ def merge_stream(
     elementwise = method in ELEMENTWISE and kwargs.get("dare") is None and preset is None
     for key in stream.merge_keys():
         blocks = row_blocks(stream, key) if elementwise else None
-        if blocks is None:
-            yield key, call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key), tasks,
-                                       preset, kwargs)[key]
-            continue
-        merged = None
-        for rows in blocks:  # one block of rows of θ_0 and of each expert at a time
-            part = call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key, rows), tasks,
+
+        def merged(rows: slice | None, key: str = key) -> Tensor:  # one block of rows of θ_0 and each expert
+            return call_registered(METHODS, PRESETS, "merging method", method, OneTensor(stream, key, rows), tasks,
                                    preset, kwargs)[key]
-            if merged is None:
-                merged = part.new_empty((blocks[-1].stop, *part.shape[1:]))
-            merged[rows] = part
-            del part
-        yield key, merged
+
+        yield key, by_row_blocks(blocks, merged)
 
 
 # per-tensor methods whose merged entry depends on the same entry of θ_0 and the experts alone: merged

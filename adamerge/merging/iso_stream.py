@@ -27,7 +27,13 @@ from torch import Tensor
 from adamerge.merging._common import check_lam
 from adamerge.merging.fused import QKVLayout, check_split_qkv, svd
 from adamerge.merging.iso import is_iso_matrix
-from adamerge.merging.registry import TensorStream, plus_pretrained, register_streaming, row_blocks
+from adamerge.merging.registry import (
+    TensorStream,
+    by_row_blocks,
+    plus_pretrained,
+    register_streaming,
+    row_blocks,
+)
 
 __all__ = ["iso_c_stream", "summed_task_vector"]
 
@@ -35,17 +41,7 @@ __all__ = ["iso_c_stream", "summed_task_vector"]
 def summed_task_vector(stream: TensorStream, tasks: Sequence[str], key: str) -> Tensor:
     """Σ_t τ_t[key] in float32, in task order, read a block of rows at a time where the stream has
     row blocks (one buffer the tensor's size, plus one block per task)."""
-    blocks = row_blocks(stream, key)
-    if blocks is None:
-        return _sum_rows(stream, tasks, key, None)
-    total = None
-    for rows in blocks:
-        part = _sum_rows(stream, tasks, key, rows)
-        if total is None:
-            total = part.new_empty((blocks[-1].stop, *part.shape[1:]))
-        total[rows] = part
-        del part
-    return total
+    return by_row_blocks(row_blocks(stream, key), lambda rows: _sum_rows(stream, tasks, key, rows))
 
 
 def _sum_rows(stream: TensorStream, tasks: Sequence[str], key: str, rows: slice | None) -> Tensor:

@@ -35,6 +35,7 @@ __all__ = [
     "OneTensor",
     "TaskVectorSource",
     "TensorStream",
+    "by_row_blocks",
     "plus_pretrained",
     "register_directions",
     "register_method",
@@ -114,6 +115,21 @@ def row_blocks(stream: TensorStream, key: str) -> list[slice] | None:
     """The stream's row blocks of ``key`` for an elementwise merge (None: the tensor whole)."""
     blocks = getattr(stream, "row_blocks", None)
     return blocks(key) if blocks is not None else None
+
+
+def by_row_blocks(blocks: list[slice] | None, part: Callable[[slice | None], Tensor]) -> Tensor:
+    """``part(None)`` when ``blocks`` is None; else one tensor whose rows ``r`` are ``part(r)`` for each
+    block, computed one block at a time (the streams' row blocks: :func:`row_blocks`)."""
+    if blocks is None:
+        return part(None)
+    whole = None
+    for rows in blocks:
+        piece = part(rows)
+        if whole is None:
+            whole = piece.new_empty((blocks[-1].stop, *piece.shape[1:]))
+        whole[rows] = piece
+        del piece
+    return whole
 
 
 def plus_pretrained(stream: TensorStream, key: str, tau: Tensor, lam: float) -> Tensor:
