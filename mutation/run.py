@@ -12,7 +12,8 @@ survived (``no tests`` included: nothing ran that could catch it), equivalent (s
 ``mutation/equivalent.txt``), not checked (the run was stopped first; left out of the score).
 Score = killed / (checked - equivalent). The table goes to stdout; the record to
 ``benchmarks/results/mutation_<date>[_<label>].json``; the diffs of the survivors to
-``<workdir>/survivors.txt``.
+``<workdir>/survivors.txt``. ``--rerun-survivors`` continues a labelled run after tests were written: it copies
+the work tree's tests/ into each scratch tree and reruns only the survivors (record suffix ``_after``).
 """
 
 from __future__ import annotations
@@ -139,10 +140,23 @@ def write_config(tree: Path, module: str, tests: list[str]) -> None:
     (tree / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
-def run_mutmut(tree: Path, deadline: float, log: Path) -> bool:
-    """Run mutmut in ``tree`` until it ends or ``deadline``; False when it was stopped at the deadline."""
+def refresh_tests(tree: Path) -> None:
+    """Replace the scratch tree's tests/ with the work tree's (tracked and untracked-but-not-ignored files), so
+    that a rerun of the survivors sees the tests written since; the mutated sources stay as they were."""
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z", "tests"],
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    shutil.rmtree(tree / "tests", ignore_errors=True)
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+
+
+def run_mutmut(tree: Path, deadline: float, log: Path, mutants: list[str] | None = None) -> bool:
+    """Run mutmut in ``tree`` (on ``mutants`` only, when given) until it ends or ``deadline``; False when it was
+    stopped at the deadline. mutmut collects which functions the tests call for the tests it has not seen."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(["mutmut", "run", "--max-children", "1"], cwd=tree, stdout=out,
+        proc = subprocess.Popen(["mutmut", "run", "--max-children", "1", *(mutants or [])], cwd=tree, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         while proc.poll() is None:
             if time.time() > deadline:
@@ -241,9 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--collect-only", action="store_true",
                     help="run nothing: report the results already in the scratch folders (e.g. after editing "
                     "mutation/equivalent.txt)")
+    ap.add_argument("--rerun-survivors", action="store_true",
+                    help="in the scratch folders of --label, copy the work tree's tests/ and run only the mutants "
+                    "that survived (e.g. after writing tests that pin them); the record gets the suffix _after")
     ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/results/mutation_*.json")
     args = ap.parse_args(argv)
 
+    if args.rerun_survivors and (args.rev or args.collect_only or not args.label):
+        ap.error("--rerun-survivors needs --label (the run to continue) and goes with neither --rev nor --collect-only")
     modules = [m.rstrip("/") for m in args.modules] or default_modules()
     for m in modules:
         if not (ROOT / m).is_file() or not m.endswith(".py"):
@@ -260,10 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     diffs = []
     for module in modules:
         tree = work / module.replace("/", "_")[: -len(".py")]
-        if args.collect_only:
+        if args.collect_only or args.rerun_survivors:
             if not tree.exists():
                 print(f"{module}: no earlier run in {tree}", file=sys.stderr)
                 continue
+        elif args.rerun_survivors:
+            refresh_tests(tree)
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
         tests = tests_for(module, mapping, tree)
@@ -271,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{module}: no test file found; add it to mutation/tests.txt", file=sys.stderr)
             continue
         t0 = time.time()
-        if args.collect_only:
+        survivors = collect(tree, module, equivalent)["survivors"] if args.rerun_survivors else None
+        if args.collect_only or survivors == []:
             finished = None
         else:
             write_config(tree, module, tests)
-            finished = time.time() < deadline and run_mutmut(tree, deadline, tree / "mutmut.log")
+            finished = time.time() < deadline and run_mutmut(tree, deadline, tree / "mutmut.log", survivors)
         rows[module] = collect(tree, module, equivalent)
         rows[module].update(tests=tests, wall_s=round(time.time() - t0, 1), finished=finished)
         print(f"{module}: {rows[module]['killed']}/{rows[module]['checked']} killed "
@@ -297,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         import mutmut
 
         stamp = datetime.date.today().isoformat()
-        name = f"mutation_{stamp}{'_' + args.label if args.label else ''}.json"
+        suffix = "_after" if args.rerun_survivors else ""
+        name = f"mutation_{stamp}{'_' + args.label if args.label else ''}{suffix}.json"
         record = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"), "label": args.label,
             "rev": _commit(args.rev) if args.rev else f"work tree on {_commit('HEAD')}", "tool": f"mutmut {mutmut.__version__}", "workers": 1,

@@ -6,6 +6,7 @@
 #   scripts/mutation.sh adamerge/merging/ties.py ...      # the modules named
 #   scripts/mutation.sh --rev HEAD --label before ...     # a committed revision (no work-tree changes)
 #   scripts/mutation.sh --max-minutes 35 ...              # stop then; unchecked mutants are reported
+#   scripts/mutation.sh --label s9a --rerun-survivors ... # after writing pins: rerun that run's survivors only
 #
 # Prints killed / survived / equivalent per module and overall, writes
 # benchmarks/results/mutation_<date>[_<label>].json and the survivors' diffs (path printed).
