@@ -187,9 +187,27 @@ def classify(code: int | None) -> str:
     return "other"  # suspicious, segfault, skipped, caught by a type check: neither killed nor survived
 
 
-def collect(tree: Path, module: str, equivalent: dict[str, str]) -> dict:
+def exit_codes(tree: Path, module: str) -> dict[str, int | None]:
+    """mutmut's exit code of each mutant of ``module`` in ``tree`` (None: not run)."""
     meta = tree / "mutants" / (module + ".meta")
-    codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+    return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+
+
+def keep_earlier_results(tree: Path, module: str, before: dict[str, int | None]) -> None:
+    """Put back the results of the mutants a rerun of the survivors did not run (mutmut clears them)."""
+    meta = tree / "mutants" / (module + ".meta")
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    for mutant, code in before.items():
+        if codes.get(mutant) is None and code is not None:
+            codes[mutant] = code
+    tmp = meta.with_suffix(".meta.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, meta)
+
+
+def collect(tree: Path, module: str, equivalent: dict[str, str]) -> dict:
+    codes = exit_codes(tree, module)
     status = {m: classify(c) for m, c in sorted(codes.items())}
     count = {s: sum(v == s for v in status.values()) for s in
              ("killed", "timeout", "survived", "no tests", "other", "not checked")}
@@ -283,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             if not tree.exists():
                 print(f"{module}: no earlier run in {tree}", file=sys.stderr)
                 continue
-        elif args.rerun_survivors:
-            refresh_tests(tree)
+            if args.rerun_survivors:
+                refresh_tests(tree)
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
         tests = tests_for(module, mapping, tree)
@@ -297,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             finished = None
         else:
             write_config(tree, module, tests)
+            before = exit_codes(tree, module)
             finished = time.time() < deadline and run_mutmut(tree, deadline, tree / "mutmut.log", survivors)
+            if survivors:  # mutmut keeps only the results of the mutants it was asked to run
+                keep_earlier_results(tree, module, before)
         rows[module] = collect(tree, module, equivalent)
         rows[module].update(tests=tests, wall_s=round(time.time() - t0, 1), finished=finished)
         print(f"{module}: {rows[module]['killed']}/{rows[module]['checked']} killed "
