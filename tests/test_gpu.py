@@ -97,3 +97,22 @@ def test_bf16_adamerging_on_cuda_stays_close_to_float32():
     torch.testing.assert_close(bf16_losses, cpu_losses, rtol=3e-2, atol=1e-3)
     cosine = F.cosine_similarity(bf16_grads[0].flatten(), cpu_grads[0].flatten(), dim=0)
     assert cosine > 0.95, f"bfloat16 λ gradient points elsewhere (cosine {cosine:.3f})"
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+@pytest.mark.parametrize(("home", "compute"), [("cuda", "cpu"), ("cpu", "cuda"), ("cuda", None)])
+def test_iso_merges_return_to_the_inputs_device_from_the_compute_device(method, home, compute):
+    """`device=` moves the SVDs, not the result: each merged tensor comes back where the task vectors are and
+    equals the CPU merge (the only check of the round trip: on a CPU-only machine both devices are one)."""
+    import importlib
+
+    iso = importlib.import_module("adamerge.merging.iso")
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    want = getattr(iso, method)(pre, taus)
+    moved = lambda s: {k: v.to(home) for k, v in s.items()}
+    got = getattr(iso, method)(moved(pre), [moved(t) for t in taus], device=compute)
+    for key, value in got.items():
+        assert value.device.type == home, key
+        torch.testing.assert_close(value.cpu(), want[key], rtol=1e-4, atol=1e-5)
