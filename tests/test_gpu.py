@@ -116,3 +116,20 @@ def test_iso_merges_return_to_the_inputs_device_from_the_compute_device(method, 
     for key, value in got.items():
         assert value.device.type == home, key
         torch.testing.assert_close(value.cpu(), want[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["random", "zero", "rank0"])
+def test_tsv_weight_pieces_stay_on_the_inputs_device(case):
+    """TSV-M's per-weight merge and per-task parts are computed and returned on the task vectors' device,
+    also when nothing is kept (zeros made there) and with the column blocks indexed there."""
+    from adamerge.merging.tsv import tsv_merge_weight, tsv_weight_parts
+
+    g = torch.Generator().manual_seed(0)
+    shape, count = ((2, 3), 3) if case == "rank0" else ((5, 4), 2)
+    taus = [torch.zeros(shape) if case == "zero" else torch.randn(shape, generator=g) for _ in range(count)]
+    on_gpu = [t.to(DEVICE) for t in taus]
+    merged, parts = tsv_merge_weight(on_gpu), tsv_weight_parts(on_gpu)
+    assert merged.device.type == "cuda" and all(p.device.type == "cuda" for p in parts)
+    torch.testing.assert_close(merged.cpu(), tsv_merge_weight(taus), rtol=1e-4, atol=1e-5)
+    for got, want in zip(parts, tsv_weight_parts(taus)):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
