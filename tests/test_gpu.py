@@ -133,3 +133,15 @@ def test_tsv_weight_pieces_stay_on_the_inputs_device(case):
     torch.testing.assert_close(merged.cpu(), tsv_merge_weight(taus), rtol=1e-4, atol=1e-5)
     for got, want in zip(parts, tsv_weight_parts(taus)):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_consensus_ta_counts_claims_on_the_task_vectors_device():
+    """Consensus TA's per-entry claim counts live where the task vectors are; the merge equals the CPU one."""
+    from adamerge.merging.consensus import consensus_ta
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(6, 4, generator=g)}
+    taus = [{"w": torch.randn(6, 4, generator=g)} for _ in range(3)]
+    got = consensus_ta({k: v.to(DEVICE) for k, v in pre.items()}, [{k: v.to(DEVICE) for k, v in t.items()} for t in taus])
+    assert got["w"].device.type == "cuda"
+    torch.testing.assert_close(got["w"].cpu(), consensus_ta(pre, taus)["w"])
