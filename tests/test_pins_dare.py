@@ -106,3 +106,37 @@ def test_dared_stream_checks_its_tasks_and_drop_rate():
         DaredStream(_Stream(base, taus), ["z"], drop=1.0)
     with pytest.raises(MergeError, match=r"^dare drop rate must lie in \[0, 1\), got -0\.1$"):
         DaredStream(_Stream(base, taus), ["z"], drop=-0.1)
+
+
+# ---- DARE-TA / DARE-TIES (adamerge/merging/dare_merges.py) ----------------------------------------------
+class _Pool:
+    def __init__(self, pretrained, taus):
+        self.pretrained, self.taus = pretrained, taus
+
+    def pretrained_state(self):
+        return dict(self.pretrained)
+
+    def task_vectors(self, tasks=None):
+        yield from ((f"t{i}", tau) for i, tau in enumerate(self.taus))
+
+
+@pytest.mark.parametrize("name", ["dare_task_arithmetic", "dare_ties_merge"])
+def test_dare_merges_default_seed_is_0(name):
+    from adamerge.merging import dare_merges
+
+    fn = getattr(dare_merges, name)
+    base, taus = _pool()
+    taus = list(taus.values())
+    default = fn(base, taus, drop=0.5)
+    assert all(torch.equal(default[k], fn(base, taus, drop=0.5, seed=0)[k]) for k in base)
+    assert not torch.equal(default["w"], fn(base, taus, drop=0.5, seed=1)["w"])  # the seed shows
+
+
+@pytest.mark.parametrize("name", ["dare_task_arithmetic_pool", "dare_ties_pool", "dare_ta_directions"])
+def test_dare_pool_merges_check_the_first_task_vector_against_theta0(name):
+    from adamerge.merging import dare_merges
+
+    base, taus = _pool()
+    wrong = {**taus["z"], "w": torch.zeros(5, 6)}
+    with pytest.raises(MergeError, match=r"^shape mismatch at key 'w': pretrained \(6, 5\), task vector \(5, 6\)$"):
+        getattr(dare_merges, name)(_Pool(base, [wrong]))
