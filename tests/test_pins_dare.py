@@ -140,3 +140,14 @@ def test_dare_pool_merges_check_the_first_task_vector_against_theta0(name):
     wrong = {**taus["z"], "w": torch.zeros(5, 6)}
     with pytest.raises(MergeError, match=r"^shape mismatch at key 'w': pretrained \(6, 5\), task vector \(5, 6\)$"):
         getattr(dare_merges, name)(_Pool(base, [wrong]))
+
+
+@pytest.mark.parametrize("name", ["dare_task_arithmetic_pool", "dare_ties_pool"])
+def test_dare_pool_merges_name_a_later_task_vector_that_does_not_fit(name):
+    # Only the first task vector is checked against θ0; a later one is named by the merge's own check
+    from adamerge.merging import dare_merges
+
+    base, taus = _pool()
+    wrong = {**taus["z"], "w": torch.zeros(5, 6)}
+    with pytest.raises(MergeError, match=r"^task vector 1: shape mismatch at key 'w': expected \(6, 5\), got \(5, 6\)$"):
+        getattr(dare_merges, name)(_Pool(base, [taus["a"], wrong]))

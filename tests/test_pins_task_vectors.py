@@ -149,3 +149,15 @@ def test_flatten_and_unflatten_follow_the_key_order_and_dtypes():
     assert list(back) == ["a", "b", "c"]
     for k in back:
         assert back[k].dtype == state[k].dtype and torch.equal(back[k], state[k]), k
+
+
+def test_running_sum_names_a_streamed_task_vector_that_does_not_fit():
+    # A pool's stream is summed without check_taus; the k-th task vector is named by its index (from 0) and
+    # checked on float keys only (integer buffers may differ or be absent).
+    first = {"w": torch.ones(2), "b": torch.ones(3), "ids": torch.arange(2)}
+    with pytest.raises(MergeError, match=r"^task vector 2: shape mismatch at key 'b': expected \(3,\), got \(4,\)$"):
+        running_sum(iter([first, first, {"w": torch.ones(2), "b": torch.ones(4)}]))
+    with pytest.raises(MergeError, match=r"^task vector 1 is missing key 'b' \(1 missing in all\)$"):
+        running_sum(iter([first, {"w": torch.ones(2), "b": torch.arange(3)}]))
+    total, count = running_sum(iter([first, {"w": torch.ones(2), "b": torch.ones(3)}]))
+    assert count == 2 and torch.equal(total["b"], torch.full((3,), 2.0)) and set(total) == {"w", "b"}

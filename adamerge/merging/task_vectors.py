@@ -209,7 +209,7 @@ def running_sum(taus: Iterable[StateDict]) -> tuple[dict[str, Tensor], int]:
     """(Σ_k τ_k over the float keys, kept in float32; K), reading one task vector at a time.
 
     ``taus`` may be a generator (a pool's streamed task vectors): only the sum and the current τ_k
-    are in memory. The float32 sum is what task arithmetic and weight averaging scale and add to θ_0
+    are in memory. Each τ_k after the first must have the first's float keys and shapes. The float32 sum is what task arithmetic and weight averaging scale and add to θ_0
     with :func:`add_task_vector`.
     """
     total: dict[str, Tensor] | None = None
@@ -217,7 +217,8 @@ def running_sum(taus: Iterable[StateDict]) -> tuple[dict[str, Tensor], int]:
     for tau in taus:
         if total is None:
             total = {k: v.float().clone() for k, v in tau.items() if is_mergeable(v)}
-        else:
+        else:  # a pool's stream is not checked as a list is: name a task vector that does not fit
+            check_compatible(total, {k: v for k, v in tau.items() if is_mergeable(v)}, name=f"task vector {count}")
             for k in total:
                 total[k].add_(tau[k].float())
         count += 1
