@@ -145,3 +145,19 @@ def test_consensus_ta_counts_claims_on_the_task_vectors_device():
     got = consensus_ta({k: v.to(DEVICE) for k, v in pre.items()}, [{k: v.to(DEVICE) for k, v in t.items()} for t in taus])
     assert got["w"].device.type == "cuda"
     torch.testing.assert_close(got["w"].cpu(), consensus_ta(pre, taus)["w"])
+
+
+def test_wudi_returns_each_merged_tensor_to_theta0s_device():
+    """θ_0 on the CPU, task vectors on the GPU: the optimised and the averaged keys come back to θ_0's device
+    (add_task_vector adds them there) and equal the all-CPU merge."""
+    from adamerge.merging.wudi import wudi_merge
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"head.weight": torch.randn(4, 3, generator=g), "head.bias": torch.randn(4, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    want = wudi_merge(pre, taus, variant="fusionbench", lr=1e-2, iters=5)
+    got = wudi_merge(pre, [{k: v.to(DEVICE) for k, v in t.items()} for t in taus], variant="fusionbench", lr=1e-2,
+                     iters=5)
+    for key, value in got.items():
+        assert value.device.type == "cpu", key
+        torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5)

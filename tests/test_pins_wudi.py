@@ -1,0 +1,44 @@
+"""Pins for WUDI-Merging (adamerge/merging/wudi.py): which keys each variant optimises and where the
+optimisation runs."""
+
+import importlib
+
+import torch
+
+from adamerge.merging.wudi import wudi_merge, wudi_weight
+
+wudi_module = importlib.import_module("adamerge.merging.wudi")
+
+
+def _inputs():
+    # "head.weight" is 2-D but not a block linear weight: only the fusionbench variant optimises it
+    g = torch.Generator().manual_seed(0)
+    pre = {"head.weight": torch.randn(4, 3, generator=g), "head.bias": torch.randn(4, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    return pre, taus
+
+
+def test_fusionbench_optimises_every_matrix_and_averages_the_rest():
+    pre, taus = _inputs()
+    out = wudi_merge(pre, taus, variant="fusionbench", lr=1e-2, iters=5, lam=1.0)
+    want_w = pre["head.weight"] + wudi_weight([t["head.weight"] for t in taus], lr=1e-2, iters=5)
+    torch.testing.assert_close(out["head.weight"], want_w)
+    mean_w = pre["head.weight"] + (taus[0]["head.weight"] + taus[1]["head.weight"]) / 2
+    assert not torch.allclose(out["head.weight"], mean_w)  # optimised, not averaged
+    torch.testing.assert_close(out["head.bias"], pre["head.bias"] + (taus[0]["head.bias"] + taus[1]["head.bias"]) / 2)
+    official = wudi_merge(pre, taus, variant="official", lr=1e-2, iters=5)
+    assert torch.equal(official["head.weight"], pre["head.weight"])  # not a block linear: θ_0
+
+
+def test_the_optimisation_runs_on_the_device_asked(monkeypatch):
+    seen = []
+
+    def record(ts, lr, iters, device=None):
+        seen.append(device)
+        return torch.zeros(ts[0].shape)
+
+    monkeypatch.setattr(wudi_module, "wudi_weight", record)
+    pre, taus = _inputs()
+    wudi_merge(pre, taus, variant="fusionbench", device="meta")
+    wudi_merge(pre, taus, variant="fusionbench")
+    assert seen == ["meta", None]
