@@ -276,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="in the scratch folders of --label, copy the work tree's tests/ and run only the mutants "
                     "that survived (e.g. after writing tests that pin them); the record gets the suffix _after")
+    ap.add_argument("--exclude-tests", nargs="+", default=[], metavar="GLOB",
+                    help="leave these test files out (e.g. a pins file still being written, whose failing tests "
+                    "would stop mutmut's first run)")
     ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/results/mutation_*.json")
     args = ap.parse_args(argv)
 
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 refresh_tests(tree)
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
-        tests = tests_for(module, mapping, tree)
+        tests = [t for t in tests_for(module, mapping, tree)
+                 if not any(fnmatch.fnmatch(t, g) for g in args.exclude_tests)]
         if not tests:
             print(f"{module}: no test file found; add it to mutation/tests.txt", file=sys.stderr)
             continue

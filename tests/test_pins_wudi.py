@@ -3,8 +3,10 @@ optimisation runs."""
 
 import importlib
 
+import pytest
 import torch
 
+from adamerge.merging import MergeError
 from adamerge.merging.wudi import wudi_merge, wudi_weight
 
 wudi_module = importlib.import_module("adamerge.merging.wudi")
@@ -42,3 +44,14 @@ def test_the_optimisation_runs_on_the_device_asked(monkeypatch):
     wudi_merge(pre, taus, variant="fusionbench", device="meta")
     wudi_merge(pre, taus, variant="fusionbench")
     assert seen == ["meta", None]
+
+
+def test_argument_checks_refuse_bools_and_accept_zero_iterations():
+    pre, taus = _inputs()
+    with pytest.raises(MergeError, match=r"^wudi lr must be a finite number > 0, got True$"):
+        wudi_merge(pre, taus, lr=True)  # a bool is an int to isinstance, and 0 < True
+    with pytest.raises(MergeError, match=r"^wudi iters must be an integer >= 0, got True$"):
+        wudi_merge(pre, taus, iters=True)
+    # iters = 0 is allowed: no Adam step, the optimised keys keep their starting point Σ τ_i
+    out = wudi_merge(pre, taus, variant="fusionbench", iters=0)
+    torch.testing.assert_close(out["head.weight"], pre["head.weight"] + taus[0]["head.weight"] + taus[1]["head.weight"])
