@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="in the scratch folders of --label, copy the work tree's tests/ and run only the mutants "
                     "that survived (e.g. after writing tests that pin them); the record gets the suffix _after")
-    ap.add_argument("--exclude-tests", nargs="+", default=[], metavar="GLOB",
-                    help="leave these test files out (e.g. a pins file still being written, whose failing tests "
+    ap.add_argument("--exclude-tests", action="append", default=[], metavar="GLOB",
+                    help="leave this test file out, repeatable (e.g. a pins file still being written, whose failing tests "
                     "would stop mutmut's first run)")
     ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/results/mutation_*.json")
     args = ap.parse_args(argv)
