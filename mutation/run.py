@@ -140,16 +140,29 @@ def write_config(tree: Path, module: str, tests: list[str]) -> None:
     (tree / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
-def refresh_tests(tree: Path) -> None:
-    """Replace the scratch tree's tests/ with the work tree's (tracked and untracked-but-not-ignored files), so
-    that a rerun of the survivors sees the tests written since; the mutated sources stay as they were."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z", "tests"],
+def refresh(tree: Path, module: str) -> bool:
+    """Bring the scratch tree up to the work tree for a rerun of the survivors: its tests/ replaced by the work
+    tree's, and every other file of the work tree copied over (also into mutmut's mutants/ copy), so that tests
+    written for changed code run against that code. The mutated module itself stays as it was mutated; when it
+    has changed since, nothing is done and False returned (its mutants are stale: run it afresh)."""
+    if (ROOT / module).read_bytes() != (tree / module).read_bytes():
+        print(f"{module} changed since its run in {tree}: its mutants are stale; run it again without "
+              "--rerun-survivors", file=sys.stderr)
+        return False
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
                            check=True, capture_output=True).stdout.decode().split("\0")
     shutil.rmtree(tree / "tests", ignore_errors=True)
+    shutil.rmtree(tree / "mutants" / "tests", ignore_errors=True)
     for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (tree / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, tree / name)
+        if name == module or not (ROOT / name).is_file():
+            continue
+        targets = [tree / name]
+        if (tree / "mutants" / name).exists() or name.startswith("tests/"):
+            targets.append(tree / "mutants" / name)
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target)
+    return True
 
 
 def run_mutmut(tree: Path, deadline: float, log: Path, mutants: list[str] | None = None) -> bool:
@@ -304,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             if not tree.exists():
                 print(f"{module}: no earlier run in {tree}", file=sys.stderr)
                 continue
-            if args.rerun_survivors:
-                refresh_tests(tree)
+            if args.rerun_survivors and not refresh(tree, module):
+                continue
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
         tests = [t for t in tests_for(module, mapping, tree)
