@@ -161,3 +161,15 @@ def test_wudi_returns_each_merged_tensor_to_theta0s_device():
     for key, value in got.items():
         assert value.device.type == "cpu", key
         torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compute", [None, "cpu"])
+def test_wudi_weight_optimises_where_asked(compute):
+    """wudi_weight runs (and leaves its result) on `device`, by default on the first task vector's device."""
+    from adamerge.merging.wudi import wudi_weight
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    got = wudi_weight([t.to(DEVICE) for t in ts], lr=1e-2, iters=5, device=compute)
+    assert got.device.type == (compute or "cuda")
+    torch.testing.assert_close(got.cpu(), wudi_weight(ts, lr=1e-2, iters=5), rtol=1e-4, atol=1e-5)

@@ -55,3 +55,34 @@ def test_argument_checks_refuse_bools_and_accept_zero_iterations():
     # iters = 0 is allowed: no Adam step, the optimised keys keep their starting point Σ τ_i
     out = wudi_merge(pre, taus, variant="fusionbench", iters=0)
     torch.testing.assert_close(out["head.weight"], pre["head.weight"] + taus[0]["head.weight"] + taus[1]["head.weight"])
+
+
+def _matrices(k=3, shape=(5, 4)):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(shape, generator=g) for _ in range(k)]
+
+
+def test_wudi_weight_defaults_are_the_authors_lr_and_iterations():
+    ts = _matrices()
+    default = wudi_weight(ts)
+    assert torch.equal(default, wudi_weight(ts, lr=1e-5, iters=300))
+    assert not torch.equal(default, wudi_weight(ts, lr=1e-5, iters=301))  # one step more shows
+    assert torch.equal(default, wudi_weight(ts, device="cpu"))
+
+
+def test_wudi_weight_takes_one_step_at_iters_1_and_works_in_float32():
+    ts = _matrices()
+    start = sum(ts)
+    assert torch.equal(wudi_weight(ts, iters=0), start)
+    assert not torch.equal(wudi_weight(ts, iters=1), start)
+    half = [t.to(torch.bfloat16) for t in ts]
+    # every task vector is cast to float32 before the sums: bf16 inputs give the float32 answer of their values
+    assert torch.equal(wudi_weight(half, iters=3), wudi_weight([t.float() for t in half], iters=3))
+
+
+def test_a_zero_task_vector_is_skipped_wherever_it_comes():
+    ts = _matrices(2)
+    zero = torch.zeros_like(ts[0])
+    want = wudi_weight([ts[0], ts[1], zero], iters=4)
+    assert torch.equal(wudi_weight([zero, ts[0], ts[1]], iters=4), want)
+    assert not torch.equal(want, sum(ts))  # it was optimised
