@@ -272,6 +272,43 @@ def table(rows: dict[str, dict], overall: dict) -> str:
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
 
 
+def summary(rows: dict[str, dict]) -> dict:
+    """The modules' counts added up, with the overall score."""
+    keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "other", "equivalent", "not_checked")
+    overall = {k: sum(r[k] for r in rows.values()) for k in keys}
+    denominator = overall["checked"] - overall["equivalent"]
+    overall["score"] = round(overall["killed"] / denominator, 4) if denominator else None
+    return overall
+
+
+def write_record(args: argparse.Namespace, rows: dict[str, dict], start: float) -> Path:
+    """benchmarks/results/mutation_<date>[_<label>][_after].json for the modules done so far (written after each
+    module, atomically, so that a run stopped midway leaves the record of what it finished)."""
+    import mutmut
+
+    stamp = datetime.date.today().isoformat()
+    suffix = "_after" if args.rerun_survivors else ""
+    name = f"mutation_{stamp}{'_' + args.label if args.label else ''}{suffix}.json"
+    record = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "label": args.label,
+        "rev": _commit(args.rev) if args.rev else f"work tree on {_commit('HEAD')}", "tool": f"mutmut {mutmut.__version__}",
+        "workers": 1, "wall_s": round(time.time() - start, 1), "max_minutes": args.max_minutes,
+        "score": "killed / (checked - equivalent); timeouts count as killed",
+        "modules": rows, "overall": summary(rows),
+    }
+    out = ROOT / "benchmarks" / "results" / name
+    if args.collect_only and out.exists():  # keep what the run itself measured
+        old = json.loads(out.read_text())
+        record.update({k: old[k] for k in ("date", "wall_s", "max_minutes") if k in old})
+        for m, r in rows.items():
+            r.update({k: old["modules"][m][k] for k in ("wall_s", "finished") if m in old.get("modules", {})})
+        record["rescored"] = datetime.datetime.now().isoformat(timespec="seconds")
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modules", nargs="*", help="module paths (default: every module of merging/, components/, "
@@ -342,10 +379,9 @@ def main(argv: list[str] | None = None) -> int:
               f"({rows[module]['not_checked']} not checked) in {rows[module]['wall_s']} s", flush=True)
         if rows[module]["survivors"]:
             diffs.append(survivor_diffs(tree, rows[module]["survivors"]))
-    keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "other", "equivalent", "not_checked")
-    overall = {k: sum(r[k] for r in rows.values()) for k in keys}
-    denominator = overall["checked"] - overall["equivalent"]
-    overall["score"] = round(overall["killed"] / denominator, 4) if denominator else None
+        if not (args.no_record or args.collect_only):
+            write_record(args, rows, start)
+    overall = summary(rows)
     print()
     print(table(rows, overall))
     (work / "survivors.txt").write_text("\n".join(diffs))
@@ -354,27 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["listed_equivalent_but_killed"]:
             print(f"warning: {m}: listed in mutation/equivalent.txt but killed: {r['listed_equivalent_but_killed']}")
     if not args.no_record:
-        import mutmut
-
-        stamp = datetime.date.today().isoformat()
-        suffix = "_after" if args.rerun_survivors else ""
-        name = f"mutation_{stamp}{'_' + args.label if args.label else ''}{suffix}.json"
-        record = {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "label": args.label,
-            "rev": _commit(args.rev) if args.rev else f"work tree on {_commit('HEAD')}", "tool": f"mutmut {mutmut.__version__}", "workers": 1,
-            "wall_s": round(time.time() - start, 1), "max_minutes": args.max_minutes,
-            "score": "killed / (checked - equivalent); timeouts count as killed",
-            "modules": rows, "overall": overall,
-        }
-        out = ROOT / "benchmarks" / "results" / name
-        if args.collect_only and out.exists():  # keep what the run itself measured
-            old = json.loads(out.read_text())
-            record.update({k: old[k] for k in ("date", "wall_s", "max_minutes") if k in old})
-            for m, r in rows.items():
-                r.update({k: old["modules"][m][k] for k in ("wall_s", "finished") if m in old.get("modules", {})})
-            record["rescored"] = datetime.datetime.now().isoformat(timespec="seconds")
-        out.write_text(json.dumps(record, indent=1) + "\n")
-        print(f"record: {out}")
+        print(f"record: {write_record(args, rows, start)}")
     return 0
 
 
