@@ -25,6 +25,19 @@ TINY_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=
 TINY_EMBED = 16
 
 
+class ListPool:
+    """θ_0 and a list of task vectors behind the TaskVectorSource protocol (tasks named t0, t1, …)."""
+
+    def __init__(self, pretrained, taus):
+        self.pretrained, self.taus = pretrained, taus
+
+    def pretrained_state(self):
+        return dict(self.pretrained)
+
+    def task_vectors(self, tasks=None):
+        yield from ((f"t{i}", tau) for i, tau in enumerate(self.taus))
+
+
 def make_tiny_clip(seed: int = 0) -> open_clip.CLIP:
     """A 2-block ViT CLIP (16x16 images, patch 8) with open_clip's real classes."""
     torch.manual_seed(seed)

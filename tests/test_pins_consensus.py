@@ -3,21 +3,10 @@ computation by hand, a single task (nothing may index a second one), and the str
 
 import pytest
 import torch
+from conftest import ListPool
 
 from adamerge.merging import MergeError
 from adamerge.merging.consensus import consensus_mask, consensus_ta, consensus_ta_pool, tall_masks
-
-
-class _Pool:
-    def __init__(self, pretrained, taus):
-        self.pretrained, self.taus = pretrained, taus
-
-    def pretrained_state(self):
-        return dict(self.pretrained)
-
-    def task_vectors(self, tasks=None):
-        yield from ((f"t{i}", tau) for i, tau in enumerate(self.taus))
-
 
 # Entries chosen so that λ = 0.6 and the mutants' λ = 1.6 disagree: |τ_t| / |τ_MTL − τ_t| lies between 0.6
 # and 1.6 for several of them, and so that 2 of 3 tasks claim some entries (k = 2 vs 3 differ).
@@ -67,13 +56,13 @@ def test_the_pool_checks_its_first_task_vector_and_names_each_one():
     # One task: the pool's stream is checked against θ_0 at its first task vector (there is no second).
     wrong = {"w": torch.zeros(3, 2), "n": torch.tensor([0, 0])}
     with pytest.raises(MergeError, match=r"^shape mismatch at key 'w': pretrained \(2, 3\), task vector \(3, 2\)$"):
-        consensus_ta_pool(_Pool(PRE, [wrong]))
+        consensus_ta_pool(ListPool(PRE, [wrong]))
     bad = {"w": torch.tensor([[0.0, float("nan"), 0.0], [0.0, 0.0, 0.0]]), "n": torch.tensor([0, 0])}
     with pytest.raises(MergeError, match=r"^task vector 1: key 'w' contains NaN values$"):
-        consensus_ta_pool(_Pool(PRE, [TAUS[0], bad]))
+        consensus_ta_pool(ListPool(PRE, [TAUS[0], bad]))
 
 
-class _ChangingPool(_Pool):
+class _ChangingPool(ListPool):
     """A pool whose second pass yields one task vector more than its first (e.g. an expert added meanwhile)."""
 
     def __init__(self, pretrained, taus):

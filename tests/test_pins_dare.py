@@ -5,6 +5,7 @@ import importlib
 
 import pytest
 import torch
+from conftest import ListPool
 
 from adamerge.merging import MergeError, dare
 from adamerge.merging.dare import DaredStream, dare_each
@@ -109,17 +110,6 @@ def test_dared_stream_checks_its_tasks_and_drop_rate():
 
 
 # ---- DARE-TA / DARE-TIES (adamerge/merging/dare_merges.py) ----------------------------------------------
-class _Pool:
-    def __init__(self, pretrained, taus):
-        self.pretrained, self.taus = pretrained, taus
-
-    def pretrained_state(self):
-        return dict(self.pretrained)
-
-    def task_vectors(self, tasks=None):
-        yield from ((f"t{i}", tau) for i, tau in enumerate(self.taus))
-
-
 @pytest.mark.parametrize("name", ["dare_task_arithmetic", "dare_ties_merge"])
 def test_dare_merges_default_seed_is_0(name):
     from adamerge.merging import dare_merges
@@ -139,7 +129,7 @@ def test_dare_pool_merges_check_the_first_task_vector_against_theta0(name):
     base, taus = _pool()
     wrong = {**taus["z"], "w": torch.zeros(5, 6)}
     with pytest.raises(MergeError, match=r"^shape mismatch at key 'w': pretrained \(6, 5\), task vector \(5, 6\)$"):
-        getattr(dare_merges, name)(_Pool(base, [wrong]))
+        getattr(dare_merges, name)(ListPool(base, [wrong]))
 
 
 @pytest.mark.parametrize("name", ["dare_task_arithmetic_pool", "dare_ties_pool"])
@@ -150,4 +140,4 @@ def test_dare_pool_merges_name_a_later_task_vector_that_does_not_fit(name):
     base, taus = _pool()
     wrong = {**taus["z"], "w": torch.zeros(5, 6)}
     with pytest.raises(MergeError, match=r"^task vector 1: shape mismatch at key 'w': expected \(6, 5\), got \(5, 6\)$"):
-        getattr(dare_merges, name)(_Pool(base, [taus["a"], wrong]))
+        getattr(dare_merges, name)(ListPool(base, [taus["a"], wrong]))
