@@ -173,3 +173,21 @@ def test_wudi_weight_optimises_where_asked(compute):
     got = wudi_weight([t.to(DEVICE) for t in ts], lr=1e-2, iters=5, device=compute)
     assert got.device.type == (compute or "cuda")
     torch.testing.assert_close(got.cpu(), wudi_weight(ts, lr=1e-2, iters=5), rtol=1e-4, atol=1e-5)
+
+
+def test_regmean_solves_on_the_grams_device_and_returns_to_the_states():
+    """regmean_solve works where the Gram matrices are (CPU weights are moved there); regmean_merge returns
+    each merged weight to the experts' device."""
+    from adamerge.merging.regmean import regmean_merge, regmean_solve
+
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(2, 3, generator=g)} for _ in range(2)]
+    xs = [torch.randn(9, 3, generator=g, dtype=torch.float64) for _ in range(2)]
+    grams = [{"w": x.T @ x} for x in xs]
+    want = regmean_merge(states, grams)["w"]
+    solved = regmean_solve([s["w"] for s in states], [gr["w"].to(DEVICE) for gr in grams])
+    assert solved.device.type == "cuda"
+    torch.testing.assert_close(solved.cpu(), want)
+    merged = regmean_merge(states, [{"w": gr["w"].to(DEVICE)} for gr in grams])["w"]
+    assert merged.device.type == "cpu"
+    torch.testing.assert_close(merged, want)
