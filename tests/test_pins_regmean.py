@@ -86,3 +86,22 @@ def test_pcb_with_a_task_vector_of_one_magnitude_stays_finite():
     t2 = {"w": torch.randn(4, 5, generator=torch.Generator().manual_seed(0))}
     for taus in ([t1, t2], [t1]):
         assert bool(pcb_merge(pre, taus, keep=0.5)["w"].isfinite().all())
+
+
+@pytest.mark.parametrize("diag", [
+    [1.0, 2e-16],                  # smallest pivot² 2e-16 ≤ tol = max · d · eps = 4.4e-16 (tol / d would pass it)
+    [1.0, 1.0, 1.0, 2.0 ** -50],   # pivot² exactly tol = 4 · 2^-52: "≤", not "<"
+])
+def test_a_numerically_singular_sum_is_refused_at_the_documented_tolerance(diag):
+    g = torch.diag(torch.tensor(diag, dtype=torch.float64))
+    with pytest.raises(MergeError, match=rf"^weight: the sum of the Gram matrices is singular \(fewer input rows "
+                       rf"than its width {len(diag)}, or inputs that never vary\); gather more batches or lower alpha$"):
+        regmean_solve([torch.ones(2, len(diag), dtype=torch.float64)], [g], alpha=1.0)
+
+
+@pytest.mark.parametrize("gram", [[[-1.0, 0.0], [0.0, 1.0]], [[1.0, 2.0], [2.0, 1.0]]], ids=["first", "second"])
+def test_a_cholesky_failure_is_refused_whatever_pivot_fails(gram):
+    # an indefinite "Gram matrix" (e.g. a corrupted file): Cholesky fails at pivot 1 or 2 while the pivots it
+    # did compute are large, so only the failure flag tells
+    with pytest.raises(MergeError, match=r"^weight: the sum of the Gram matrices is singular"):
+        regmean_solve([torch.ones(2, 2, dtype=torch.float64)], [torch.tensor(gram, dtype=torch.float64)], alpha=1.0)
