@@ -1,4 +1,4 @@
-"""Pins for the small components (adamerge/components/losses.py): entropy on every rank of input."""
+"""Pins for the small components: entropy (losses.py) on every rank of input; WEMoE's weight-ensembling MLP (wemoe_mlp.py)."""
 
 import math
 
@@ -31,3 +31,40 @@ def test_entropy_needs_a_class_dimension():
     with pytest.raises(ValueError, match=r"got shape \(2, 0\)$"):
         entropy(torch.zeros(2, 0))
     assert entropy(torch.zeros(2, 0, 5)).shape == (2, 0)  # no rows is fine: the class dim (5) is not empty
+
+
+# ---- WEMoE's weight-ensembling MLP (adamerge/components/wemoe_mlp.py) -----------------------------------
+def _ensembling_mlp(router_dtype=torch.float32):
+    from torch import nn
+
+    from adamerge.components.wemoe_mlp import WeightEnsemblingMLP, build_router
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential()
+    mlp.add_module("c_fc", nn.Linear(4, 6))
+    mlp.add_module("gelu", nn.GELU())
+    mlp.add_module("c_proj", nn.Linear(6, 4))
+    taus = {"fc": (torch.randn(2, 6, 4) * 0.1, torch.randn(2, 6) * 0.1),
+            "proj": (torch.randn(2, 4, 6) * 0.1, torch.randn(2, 4) * 0.1)}
+    return WeightEnsemblingMLP(mlp, taus, build_router(4, 2).to(router_dtype))
+
+
+@pytest.mark.parametrize(("batch", "tokens", "calls"), [(5, 1, 3), (5, 3, 3), (2, 3, 1), (1, 3, 1)])
+def test_per_sample_merging_is_chunked_over_the_batch_dimension(batch, tokens, calls):
+    # chunk_size 2 bounds how many samples' weights are merged at once: ⌈B / 2⌉ MLP calls when B > 2, one
+    # otherwise; the token count (1 or 3, either side of 2) must not matter. Chunking changes no value.
+    module = _ensembling_mlp()
+    x = torch.randn(batch, tokens, 4, generator=torch.Generator().manual_seed(1))
+    whole = module(x)
+    module.chunk_size = 2
+    seen = []
+    inner = module._mlp
+    module._mlp = lambda xc, rc: seen.append(xc.shape[0]) or inner(xc, rc)
+    torch.testing.assert_close(module(x), whole)
+    assert len(seen) == calls and sum(seen) == batch
+
+
+def test_routing_runs_in_the_routers_dtype():
+    module = _ensembling_mlp(torch.float64)
+    r = module.routing_weights(torch.randn(3, 2, 4))  # float32 tokens into a float64 router
+    assert r.dtype == torch.float64 and r.shape == (3, 2)
