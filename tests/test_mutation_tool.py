@@ -1,0 +1,58 @@
+"""mutation/run.py (scripts/mutation.sh's driver): its config files, scoring and the merge of a rerun's results,
+on files written here (mutmut itself is not run: that is the slow, separate job)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mutation_run", ROOT / "mutation" / "run.py")
+run = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run)
+
+MODULE = "adamerge/merging/toy.py"
+
+
+def _meta(tree: Path, codes: dict) -> Path:
+    meta = tree / "mutants" / (MODULE + ".meta")
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "durations_by_key": {}}))
+    return meta
+
+
+def test_config_files_parse_and_a_reasonless_equivalent_is_refused(tmp_path):
+    tests = tmp_path / "tests.txt"
+    tests.write_text("# comment\n*: tests/test_pins_*.py\nadamerge/x.py: tests/a.py tests/b.py  # why\n")
+    assert run.read_tests_map(tests) == {"*": ["tests/test_pins_*.py"], "adamerge/x.py": ["tests/a.py", "tests/b.py"]}
+    eq = tmp_path / "equivalent.txt"
+    eq.write_text("# c\nm__mutmut_1  same value\n\n")
+    assert run.read_equivalent(eq) == {"m__mutmut_1": "same value"}
+    eq.write_text("m__mutmut_2\n")
+    with pytest.raises(SystemExit, match="m__mutmut_2 has no reason"):
+        run.read_equivalent(eq)
+
+
+def test_the_repositorys_lists_are_well_formed():
+    equivalent = run.read_equivalent(ROOT / "mutation" / "equivalent.txt")
+    assert equivalent and all(m.startswith("adamerge.") and "__mutmut_" in m for m in equivalent)
+    for module in run.read_tests_map(ROOT / "mutation" / "tests.txt"):
+        assert module == "*" or (ROOT / module).is_file(), module
+
+
+def test_score_counts_timeouts_as_killed_and_leaves_equivalents_and_unchecked_out(tmp_path):
+    _meta(tmp_path, {"a": 1, "b": 36, "c": 0, "d": 0, "e": 33, "f": None})
+    r = run.collect(tmp_path, MODULE, {"d": "same", "b": "listed but killed"})
+    assert (r["killed"], r["timeout"], r["survived"], r["equivalent"], r["not_checked"]) == (2, 1, 2, 1, 1)
+    assert r["score"] == round(2 / (5 - 1), 4) and r["survivors"] == ["c", "e"]
+    assert r["listed_equivalent_but_killed"] == ["b"]
+
+
+def test_a_rerun_keeps_the_results_of_the_mutants_it_did_not_run(tmp_path):
+    meta = _meta(tmp_path, {"a": 1, "b": 0, "c": 0})
+    before = run.exit_codes(tmp_path, MODULE)
+    meta.write_text(json.dumps({"exit_code_by_key": {"a": None, "b": 1, "c": 0}, "durations_by_key": {"b": 2.0}}))
+    run.keep_earlier_results(tmp_path, MODULE, before)
+    data = json.loads(meta.read_text())
+    assert data["exit_code_by_key"] == {"a": 1, "b": 1, "c": 0} and data["durations_by_key"] == {"b": 2.0}
