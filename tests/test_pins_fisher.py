@@ -37,7 +37,7 @@ def test_floor_bounds():
 
 def test_coefficient_bounds():
     states, fishers = _experts()
-    for bad in ([0.0, 0.0], [1.0, -1.0]):
+    for bad in ([0.0, 0.0], [2.0, -1.0]):  # [2, -1]: a negative weight with a positive sum
         with pytest.raises(MergeError, match=r"^coefficients must be 2 finite numbers >= 0, not all 0, got \["):
             fisher_merge(states, fishers, coefficients=bad)
     # a zero weight is allowed: expert 1 drops out, expert 0's weights are left (up to the floor's share)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adamerge.merging import MergeError
-from adamerge.merging.opcm import OPCMerger, fusionbench_merges, opcm_project
+from adamerge.merging.opcm import OPCMerger, fusionbench_merges, opcm_project, split_rank
 
 
 def test_fusionbench_merges_every_key_but_a_class_embedding_however_deep():
@@ -62,9 +62,11 @@ def test_is_merged_sees_each_tensor():
 
 def test_mean_norm_after_one_expert_is_its_norm_exactly():
     merger = OPCMerger({"w": torch.zeros(3, 2)})
-    tau = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    tau = torch.full((3, 2), 0.1)  # ‖τ‖ ≈ 0.245, where 1 + (‖τ‖ − 1) is not ‖τ‖ in floating point
     merger.add_task_vector({"w": tau})
-    assert merger.mean_norm == math.sqrt(float(tau.square().sum()))  # the running mean starts at 0
+    norm = math.sqrt(float(tau.square().sum()))
+    assert 1.0 + (norm - 1.0) != norm  # a running mean started at 1 instead of 0 would show
+    assert merger.mean_norm == norm  # the running mean starts at 0
 
 
 def test_a_zero_merged_vector_falls_back_to_lambda_1():
@@ -78,3 +80,8 @@ def test_a_zero_merged_vector_falls_back_to_lambda_1():
     merger.add_task_vector({"w": -tau})
     assert merger.mean_norm > 0 and merger.lambda_t == 1.0
     assert torch.equal(merger.merged_state()["w"], pre["w"])
+
+
+def test_split_rank_of_an_all_zero_spectrum_is_0():
+    assert split_rank(torch.zeros(3), 0.5) == 0
+    assert split_rank(torch.tensor([3.0, 1.0]), 0.5) == 0 and split_rank(torch.tensor([1.0, 1.0, 1.0, 1.0]), 0.5) == 2
