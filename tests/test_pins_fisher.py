@@ -61,3 +61,13 @@ def test_a_zero_fisher_cannot_be_normalised():
     with pytest.raises(MergeError, match=r"^the Fisher of expert '1' is zero everywhere: it cannot be normalised "
                        r"\(normalize=False merges it at the floor\)$"):
         fisher_merge(states, fishers)
+
+
+def test_an_entry_no_expert_has_fisher_for_is_refused_without_a_floor():
+    states, fishers = _experts()
+    for f in fishers:
+        f["w"][1, 0] = 0.0  # every expert's Fisher is 0 here, and floor 0 adds nothing: 0 / 0
+    with pytest.raises(MergeError, match=r"^w: every expert's Fisher is 0 at some entry \(floor=0 and weights 0\); "
+                       r"use floor > 0$"):
+        fisher_merge(states, fishers, floor=0.0, normalize=False)
+    assert bool(fisher_merge(states, fishers, floor=1e-6, normalize=False)["w"].isfinite().all())
