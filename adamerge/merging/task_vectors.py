@@ -209,8 +209,8 @@ def running_sum(taus: Iterable[StateDict]) -> tuple[dict[str, Tensor], int]:
     """(Σ_k τ_k over the float keys, kept in float32; K), reading one task vector at a time.
 
     ``taus`` may be a generator (a pool's streamed task vectors): only the sum and the current τ_k
-    are in memory. Each τ_k after the first must have the first's float keys and shapes. The float32 sum is what task arithmetic and weight averaging scale and add to θ_0
-    with :func:`add_task_vector`.
+    are in memory. Each τ_k after the first must have the first's float keys and shapes. The float32
+    sum is what task arithmetic and weight averaging scale and add to θ_0 with :func:`add_task_vector`.
     """
     total: dict[str, Tensor] | None = None
     count = 0
