@@ -163,6 +163,23 @@ def test_wudi_returns_each_merged_tensor_to_theta0s_device():
         torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5)
 
 
+def test_optmerge_returns_each_merged_tensor_to_theta0s_device():
+    """θ_0 on the CPU, task vectors on the GPU (and the reverse): the optimised and the averaged keys come back
+    to θ_0's device, where add_task_vector adds them, and equal the all-CPU merge."""
+    from adamerge.merging.optmerge import optmerge
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"head.weight": torch.randn(5, 4, generator=g), "head.bias": torch.randn(5, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    want = optmerge(pre, taus, iters=3)
+    on_gpu = [{k: v.to(DEVICE) for k, v in t.items()} for t in taus]
+    for home, vectors, device in ((pre, on_gpu, None), ({k: v.to(DEVICE) for k, v in pre.items()}, taus, "cuda")):
+        got = optmerge(home, vectors, iters=3, device=device)
+        for key, value in got.items():
+            assert value.device == home[key].device, key
+            torch.testing.assert_close(value.cpu(), want[key], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("compute", [None, "cpu"])
 def test_wudi_weight_optimises_where_asked(compute):
     """wudi_weight runs (and leaves its result) on `device`, by default on the first task vector's device."""

@@ -221,7 +221,8 @@ def optmerge(
             q, k, v split (``…attn.q_proj.weight``).
         is_kept: ``(key, tensor) -> bool`` choosing the keys that stay at θ_0; default the variant's
             (``"clip"``: none, ``"llamafactory"``: :func:`llamafactory_keeps`).
-        device: where to run the per-weight optimisation (default: the CPU).
+        device: where to run the per-weight optimisation (default: the task vectors' device); each
+            merged task vector comes back to θ_0's device.
     """
     spec = _check_args(variant, lr, momentum, iters)
     taus = check_taus(taus)
@@ -236,7 +237,8 @@ def optmerge(
             continue
         if ts[0].dim() == 2 and optimized(key, ts[0]):
             ts = [t.to(device=device, dtype=torch.float32) for t in ts]
-            merged[key] = optmerge_weight(ts, variant, lr=lr, momentum=momentum, iters=int(iters)).cpu()
+            merged[key] = optmerge_weight(ts, variant, lr=lr, momentum=momentum, iters=int(iters))
         else:
             merged[key] = torch.stack([t.float() for t in ts]).mean(0)
+        merged[key] = merged[key].to(pretrained[key].device)  # back to θ_0's device, where it is added
     return add_task_vector(pretrained, merged, lam)
