@@ -163,6 +163,22 @@ def test_wudi_returns_each_merged_tensor_to_theta0s_device():
         torch.testing.assert_close(value, want[key], rtol=1e-4, atol=1e-5)
 
 
+def test_a_task_conditioned_merge_loads_onto_theta0s_device_and_builds_there(tmp_path):
+    """A conditioned merge saved from the CPU and loaded against a θ_0 on the GPU: τ_uni and every mask go to
+    θ_0's device, and model k is built there, equal to the CPU one."""
+    from adamerge.merging.conditioned import TaskConditionedMerge
+
+    pre = {"w": torch.tensor([1.0, 2.0, 3.0]), "ids": torch.tensor([7])}
+    masks = [{"w": torch.tensor([True, False, True])}, {"w": torch.tensor([False, True, True])}]
+    merge = TaskConditionedMerge(pre, {"w": torch.tensor([0.5, -1.0, 2.0])}, masks, [1.0, 3.0])
+    merge.save(tmp_path / "m.safetensors")
+    back = TaskConditionedMerge.load(tmp_path / "m.safetensors", {k: v.to(DEVICE) for k, v in pre.items()})
+    assert back.vector["w"].device.type == "cuda" and all(m["w"].device.type == "cuda" for m in back.masks)
+    built = back.state_for(1)
+    assert built["w"].device.type == "cuda"
+    torch.testing.assert_close(built["w"].cpu(), merge.state_for(1)["w"])
+
+
 def test_optmerge_returns_each_merged_tensor_to_theta0s_device():
     """θ_0 on the CPU, task vectors on the GPU (and the reverse): the optimised and the averaged keys come back
     to θ_0's device, where add_task_vector adds them, and equal the all-CPU merge."""
