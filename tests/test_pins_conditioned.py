@@ -164,3 +164,13 @@ def test_a_name_without_task_names_names_the_method(method, named):
     with pytest.raises(MergeError) as err:
         merge.state_for("a")
     assert str(err.value) == f"this {named} has no task names: pass task 'a' by index"
+
+
+def test_container_errors_in_full():
+    """The whole message, where the shared tests match only its end."""
+    with pytest.raises(MergeError) as err:
+        TaskConditionedMerge(PRE, {"w": torch.tensor([0.0, float("inf"), 0.0])}, [{"w": torch.ones(3) > 0}], [1.0])
+    assert str(err.value) == "shared task vector: key 'w' contains Inf values"
+    with pytest.raises(MergeError) as err:
+        TaskConditionedMerge(PRE, {"w": torch.zeros(3)}, [], [])
+    assert str(err.value) == "no task masks: need at least one task"
