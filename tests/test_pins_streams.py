@@ -1,0 +1,94 @@
+"""Pins for the out-of-core merges (adamerge/merging/iso_stream.py, ties_stream.py, tsv_stream.py). The
+streams here record every read, so a merge that reads a tensor whole where the stream offers row blocks
+(more memory, same numbers) is caught; a stream with only the protocol's two-argument
+``task_vector_tensor`` catches a merge that always passes ``rows``. Shapes are non-square and the task
+vectors random, so a matrix merged by the wrong rule (flat spectrum against the mean) differs everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adamerge.merging.dispatch import merge_pool, merge_stream
+from adamerge.merging.iso_stream import iso_c_stream, summed_task_vector
+
+
+class Stream:
+    """θ_0 and three experts' task vectors in memory; optional row blocks per key; every read recorded."""
+
+    def __init__(self, shapes, blocks=None, seed=0, tasks=("a", "b", "c")):
+        g = torch.Generator().manual_seed(seed)
+        self.base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        self.taus = {t: {k: torch.randn(s, generator=g) for k, s in shapes.items()} for t in tasks}
+        self.tasks, self.reads = list(tasks), []
+        if blocks is not None:
+            self.row_blocks = lambda key: blocks.get(key)
+
+    def check_tasks(self, tasks):
+        return list(self.tasks if tasks is None else tasks)
+
+    def merge_keys(self):
+        return list(self.base)
+
+    def pretrained_tensor(self, key, rows=None):
+        self.reads.append(("pre", key, rows))
+        return (self.base[key] if rows is None else self.base[key][rows]).clone()
+
+    def task_vector_tensor(self, task, key, rows=None):
+        self.reads.append(("tv", task, key, rows))
+        return (self.taus[task][key] if rows is None else self.taus[task][key][rows]).clone()
+
+    # the in-memory view, for merge_pool
+    def pretrained_state(self):
+        return {k: v.clone() for k, v in self.base.items()}
+
+    def task_vectors(self, tasks=None):
+        for t in self.check_tasks(tasks):
+            yield t, {k: v.clone() for k, v in self.taus[t].items()}
+
+
+class ProtocolOnly(Stream):
+    """Only what TensorStream requires: no row blocks, ``task_vector_tensor(task, key)`` without ``rows``."""
+
+    def pretrained_tensor(self, key):
+        return super().pretrained_tensor(key)
+
+    def task_vector_tensor(self, task, key):
+        return super().task_vector_tensor(task, key)
+
+
+SHAPES = {"w": (7, 3), "b": (7,)}
+
+
+def test_the_summed_task_vector_is_read_by_the_streams_row_blocks():
+    blocks = [slice(0, 4), slice(4, 7)]
+    s = Stream(SHAPES, blocks={"w": blocks})
+    got = summed_task_vector(s, ["c", "a"], "w")
+    torch.testing.assert_close(got, s.taus["c"]["w"] + s.taus["a"]["w"], rtol=0, atol=0)
+    assert s.reads == [("tv", t, "w", r) for r in blocks for t in ("c", "a")]
+    s.reads.clear()
+    summed_task_vector(s, ["b"], "b")  # no row blocks for this key: read whole
+    assert s.reads == [("tv", "b", "b", None)]
+
+
+def test_iso_c_stream_on_a_protocol_only_stream_equals_the_in_memory_merge():
+    s = ProtocolOnly(SHAPES)
+    got = dict(iso_c_stream(s, s.tasks, lam=0.7))
+    want = merge_pool(s, "iso_c", lam=0.7)
+    for key in SHAPES:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pick", [True, False])
+def test_iso_c_stream_follows_is_matrix_on_matrices_only(pick):
+    """is_matrix chooses the rule for 2-D tensors only: True everywhere still averages the bias (an SVD of
+    a vector is not taken), False everywhere averages the matrix too."""
+    s = Stream(SHAPES)
+    got = dict(merge_stream(s, "iso_c", lam=1.0, is_matrix=lambda key, t: pick))
+    delta = {k: sum(s.taus[t][k] for t in s.tasks) for k in SHAPES}
+    torch.testing.assert_close(got["b"], s.base["b"] + delta["b"] / 3)
+    if pick:
+        u, sv, vh = torch.linalg.svd(delta["w"], full_matrices=False)
+        torch.testing.assert_close(got["w"], s.base["w"] + sv.mean() * u @ vh, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got["w"], s.base["w"] + delta["w"] / 3)
