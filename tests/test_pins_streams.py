@@ -11,6 +11,7 @@ import torch
 
 from adamerge.merging.dispatch import merge_pool, merge_stream
 from adamerge.merging.iso_stream import iso_c_stream, summed_task_vector
+from adamerge.merging.ties_stream import _walk
 
 
 class Stream:
@@ -92,3 +93,19 @@ def test_iso_c_stream_follows_is_matrix_on_matrices_only(pick):
         torch.testing.assert_close(got["w"], s.base["w"] + sv.mean() * u @ vh, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got["w"], s.base["w"] + delta["w"] / 3)
+
+
+@pytest.mark.parametrize("hist,rank,want", [
+    ([1, 0, 2], 1, (2, 1)),  # in the top bin: nothing above it
+    ([1, 0, 2], 2, (2, 2)),
+    ([1, 3, 2], 4, (1, 2)),  # the second bin from the top: the top bin's 2 entries are above
+    ([1, 3, 2], 6, (0, 1)),  # the smallest entry
+])
+def test_walk_finds_the_bin_and_the_rank_within_it(hist, rank, want):
+    """_walk counts from the top: a rank-th largest entry in the top bin has no entries above it, one in a
+    lower bin has the whole bins above it (wrong guards there shift the rank within the bin)."""
+    counts = torch.tensor(hist, dtype=torch.int64)
+    assert _walk(counts, rank) == want
+    top, within = want  # the same by hand: entries sorted from the largest, with their bins
+    order = [b for b in reversed(range(len(hist))) for _ in range(hist[b])]
+    assert order[rank - 1] == top and order[:rank].count(top) == within
