@@ -11,7 +11,9 @@ import torch
 
 from adamerge.merging.dispatch import merge_pool, merge_stream
 from adamerge.merging.iso_stream import iso_c_stream, summed_task_vector
-from adamerge.merging.ties_stream import _walk
+from adamerge.merging.task_vectors import MergeError
+from adamerge.merging.ties import ties_threshold
+from adamerge.merging.ties_stream import _walk, stream_thresholds
 
 
 class Stream:
@@ -109,3 +111,26 @@ def test_walk_finds_the_bin_and_the_rank_within_it(hist, rank, want):
     top, within = want  # the same by hand: entries sorted from the largest, with their bins
     order = [b for b in reversed(range(len(hist))) for _ in range(hist[b])]
     assert order[rank - 1] == top and order[:rank].count(top) == within
+
+
+@pytest.mark.parametrize("tasks", [["b"], ["c", "a"]])
+def test_stream_thresholds_read_by_row_blocks_equal_the_in_memory_ones(tasks):
+    """One task too: the entry count d comes from the first task's reads (a count taken from any other
+    task would be 0 with one task). Row blocks are honoured in both passes."""
+    blocks = [slice(0, 2), slice(2, 7)]
+    s = Stream(SHAPES, blocks={"w": blocks})
+    got = stream_thresholds(s, tasks, 0.3)
+    assert got == [ties_threshold(s.taus[t], 0.3) for t in tasks]
+    reads = [r for r in s.reads if r[2] == "w"]
+    assert reads == [("tv", t, "w", r) for _ in range(2) for r in blocks for t in tasks]  # two passes
+
+
+def test_stream_thresholds_errors_in_full():
+    s = Stream(SHAPES)
+    with pytest.raises(MergeError) as err:
+        stream_thresholds(s, ["a"], 1.5)
+    assert str(err.value) == "ties keep ratio must lie in (0, 1], got 1.5"
+    s.base = {}
+    with pytest.raises(MergeError) as err:
+        stream_thresholds(s, ["a"], 0.2)
+    assert str(err.value) == "the model has no floating-point tensors to merge"
