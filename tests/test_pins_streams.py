@@ -134,3 +134,13 @@ def test_stream_thresholds_errors_in_full():
     with pytest.raises(MergeError) as err:
         stream_thresholds(s, ["a"], 0.2)
     assert str(err.value) == "the model has no floating-point tensors to merge"
+
+
+def test_stream_thresholds_count_exactly_past_float32s_integers():
+    """2^24 + 1 entries share the threshold's upper 16 bits: counts kept in float32 would round 2^24 + 1 to
+    2^24 and walk off the end of the lower-bits histogram. Integer counts find 1.0 exactly."""
+    s = Stream({"w": (1,)}, tasks=("a",))
+    tau = torch.ones(2**24 + 2)
+    tau[0] = 1.0 + 2.0**-23  # the same upper 16 bits as 1.0, one step above it
+    s.base, s.taus = {"w": torch.zeros(tau.shape)}, {"a": {"w": tau}}
+    assert stream_thresholds(s, ["a"], 1.0) == [1.0]
