@@ -224,3 +224,46 @@ def test_regmean_solves_on_the_grams_device_and_returns_to_the_states():
     merged = regmean_merge(states, [{"w": gr["w"].to(DEVICE)} for gr in grams])["w"]
     assert merged.device.type == "cpu"
     torch.testing.assert_close(merged, want)
+
+
+def test_adarank_low_rank_delta_is_built_on_the_factors_device():
+    """AdaRank moved to the GPU: _LowRankDelta writes its chunks into an output on U's device (a CPU output
+    would be refused by bmm), and the merged weights and the λ / mask-logit gradients equal the CPU ones."""
+    from adamerge.components.adarank import AdaRankModel
+
+    pool = make_tiny_pool(2)
+    cpu = AdaRankModel(pool)
+    gpu = AdaRankModel(pool).to(DEVICE)
+    merged = gpu.merged_parameters()
+    want = cpu.merged_parameters()
+    for key, value in merged.items():
+        assert value.device.type == "cuda", key
+        torch.testing.assert_close(value.cpu(), want[key], rtol=1e-5, atol=1e-6)
+    sum(v.square().sum() for v in merged.values()).backward()
+    sum(v.square().sum() for v in want.values()).backward()
+    torch.testing.assert_close(gpu.lambdas.grad.cpu(), cpu.lambdas.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.mask_logits.grad.cpu(), cpu.mask_logits.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_core_iso_c_and_ties_thresholds_on_a_gpu(monkeypatch):
+    """Iso-C out of core takes each SVD on `device` and returns θ to the stream's device; the TIES thresholds
+    of a stream on the GPU (histograms gathered on the CPU) equal the CPU ones."""
+    from test_pins_streams import SHAPES, Stream
+
+    from adamerge.merging import iso_stream
+    from adamerge.merging.ties_stream import stream_thresholds
+
+    seen = []
+    real = iso_stream.svd
+    monkeypatch.setattr(iso_stream, "svd", lambda m: seen.append(m.device.type) or real(m))
+    s = Stream(SHAPES)
+    want = dict(iso_stream.iso_c_stream(s, s.tasks, lam=0.7))
+    got = dict(iso_stream.iso_c_stream(s, s.tasks, lam=0.7, device="cuda"))
+    assert seen == ["cpu", "cuda"]
+    for key, value in got.items():
+        assert value.device.type == "cpu", key
+        torch.testing.assert_close(value, want[key], rtol=1e-5, atol=1e-5)
+    on_gpu = Stream(SHAPES)
+    on_gpu.base = {k: v.to(DEVICE) for k, v in s.base.items()}
+    on_gpu.taus = {t: {k: v.to(DEVICE) for k, v in d.items()} for t, d in s.taus.items()}
+    assert stream_thresholds(on_gpu, ["a", "c"], 0.3) == stream_thresholds(s, ["a", "c"], 0.3)

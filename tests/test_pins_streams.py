@@ -144,3 +144,23 @@ def test_stream_thresholds_count_exactly_past_float32s_integers():
     tau[0] = 1.0 + 2.0**-23  # the same upper 16 bits as 1.0, one step above it
     s.base, s.taus = {"w": torch.zeros(tau.shape)}, {"a": {"w": tau}}
     assert stream_thresholds(s, ["a"], 1.0) == [1.0]
+
+
+def test_iso_c_stream_takes_the_flat_spectrum_of_a_one_by_one_matrix():
+    """A 1×1 matrix is a matrix: its flat spectrum σ̄ U Vᵀ is Δ itself, not the mean Δ / T."""
+    s = Stream({"w": (1, 1)})
+    got = dict(iso_c_stream(s, s.tasks, lam=1.0))
+    delta = sum(s.taus[t]["w"] for t in s.tasks)
+    torch.testing.assert_close(got["w"], s.base["w"] + delta)
+
+
+def test_ties_stream_reads_every_pass_by_row_blocks_and_equals_the_in_memory_merge():
+    blocks = [slice(0, 3), slice(3, 7)]
+    s = Stream(SHAPES, blocks={"w": blocks, "b": blocks})
+    got = dict(merge_stream(s, "ties", keep=0.4, lam=0.5))
+    want = merge_pool(s, "ties", keep=0.4, lam=0.5)
+    for key in SHAPES:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert s.reads and all(rows is not None for *_, rows in s.reads)
+    # four passes over every block: two for the thresholds, one for the elected signs' total, one to merge
+    assert sum(r == ("tv", "a", "w", slice(3, 7)) for r in s.reads) == 4
