@@ -207,7 +207,7 @@ class WEMoEModel(nn.Module):
         if n_theirs != len(self.routers) or last not in state:
             raise WEMoEError(
                 f"{source} has {n_theirs} router(s) of a different layout; this model has {len(self.routers)} "
-                f"router(s) with {len(self.routers[0]) - 1} hidden layer(s) "
+                f"router(s) with {(len(self.routers[0]) - 1) // 2} hidden layer(s) "  # Sequential: h × (Linear, ReLU), Linear
                 f"(router_hidden_layers / shared_router must match the run that wrote it)"
             )
         k = state[last].shape[0]
