@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_pins_registry import Pool  # θ_0 and three experts, reads recorded
 
 from adamerge.merging import MergeError, conditioned
 from adamerge.merging.conditioned import TaskConditionedMerge, merge_pool_conditioned, register_conditioned
@@ -26,26 +27,6 @@ def clean(monkeypatch):
     for name in TABLES:
         monkeypatch.setattr(conditioned, name, dict(getattr(conditioned, name)))
     return conditioned
-
-
-class Pool:
-    """θ_0 and three experts; ``task_vectors`` yields them in the order asked for and counts the reads."""
-
-    tasks = ("a", "b", "c")
-
-    def __init__(self):
-        self.pre = {"w": torch.tensor([1.0, 2.0]), "ids": torch.tensor([0, 1])}
-        self.taus = {"a": {"w": torch.tensor([1.0, 0.0])}, "b": {"w": torch.tensor([0.0, 1.0])},
-                     "c": {"w": torch.tensor([2.0, 2.0])}}
-        self.reads = []
-
-    def pretrained_state(self):
-        return {k: v.clone() for k, v in self.pre.items()}
-
-    def task_vectors(self, tasks=None):
-        for t in self.tasks if tasks is None else tasks:
-            self.reads.append(t)
-            yield t, {k: v.clone() for k, v in self.taus[t].items()}
 
 
 def scaled(pretrained, taus, scale=1.0):
