@@ -205,9 +205,10 @@ class WEMoEModel(nn.Module):
         n_theirs = len({k.split(".")[1] for k in state if k.startswith("routers.")})
         last = f"routers.0.{len(self.routers[0]) - 1}.bias"
         if n_theirs != len(self.routers) or last not in state:
+            hidden = (len(self.routers[0]) - 1) // 2  # a router is h × (Linear, ReLU), then Linear
             raise WEMoEError(
                 f"{source} has {n_theirs} router(s) of a different layout; this model has {len(self.routers)} "
-                f"router(s) with {(len(self.routers[0]) - 1) // 2} hidden layer(s) "  # Sequential: h × (Linear, ReLU), Linear
+                f"router(s) with {hidden} hidden layer(s) "
                 f"(router_hidden_layers / shared_router must match the run that wrote it)"
             )
         k = state[last].shape[0]
