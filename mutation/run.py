@@ -23,6 +23,7 @@ import datetime
 import fnmatch
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,21 +72,32 @@ def default_modules() -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for d in CORE for p in (ROOT / d).glob("*.py") if p.name != "__init__.py")
 
 
+def names_module(text: str, module: str) -> bool:
+    """Whether a test file's text names ``module`` (``adamerge/x/y.py``): its dotted path, or ``y`` imported
+    from ``adamerge.x`` (``from adamerge.x import a, y`` or a parenthesised list)."""
+    dotted = module[: -len(".py")].replace("/", ".")
+    pkg, _, stem = dotted.rpartition(".")
+    if re.search(rf"\b{re.escape(dotted)}\b", text):
+        return True
+    imports = re.findall(rf"^from {re.escape(pkg)} import (\([^)]*\)|[^\n#]*)", text, flags=re.MULTILINE)
+    return any(re.search(rf"\b{stem}\b", names) for names in imports)
+
+
 def tests_for(module: str, mapping: dict[str, list[str]], tree: Path) -> list[str]:
-    """The module's test files in ``tree``: its mapping's patterns, else every test file naming the module's
-    dotted path; ``*`` patterns are added to both. Patterns matching nothing (e.g. files not in REV) are dropped."""
+    """The module's test files in ``tree``: its mapping's patterns, else every test file naming the module
+    (``names_module``). ``*`` patterns are added to both, keeping only the files that name the module, so that
+    each module's stats run pays for its own pins only. Patterns matching nothing (e.g. files not in REV) are
+    dropped."""
     patterns = mapping.get(module, [])
     if not patterns:
-        dotted = module[: -len(".py")].replace("/", ".")
-        pkg, _, stem = dotted.rpartition(".")
-        needles = (dotted, f"from {pkg} import {stem}")
         patterns = [str(p.relative_to(tree)) for p in sorted((tree / "tests").glob("test_*.py"))
-                    if any(n in p.read_text() for n in needles)]
+                    if names_module(p.read_text(), module)]
     found: list[str] = []
-    for pattern in patterns + mapping.get("*", []):
+    shared = [(pattern, True) for pattern in mapping.get("*", [])]
+    for pattern, filtered in [(pattern, False) for pattern in patterns] + shared:
         for p in sorted(tree.glob(pattern)):
             rel = str(p.relative_to(tree))
-            if rel not in found:
+            if rel not in found and not (filtered and not names_module(p.read_text(), module)):
                 found.append(rel)
     return found
 

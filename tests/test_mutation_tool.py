@@ -56,3 +56,26 @@ def test_a_rerun_keeps_the_results_of_the_mutants_it_did_not_run(tmp_path):
     run.keep_earlier_results(tmp_path, MODULE, before)
     data = json.loads(meta.read_text())
     assert data["exit_code_by_key"] == {"a": 1, "b": 1, "c": 0} and data["durations_by_key"] == {"b": 2.0}
+
+
+def test_shared_pins_join_only_the_modules_they_name(tmp_path):
+    # The `*` files join a module only when they name it, so one module's stats run does not pay for every
+    # pins file; a mapped or discovered file joins whatever it says.
+    (tmp_path / "tests").mkdir()
+    files = {
+        "test_pins_a.py": "from adamerge.merging import (\n    registry,\n    ties,\n)\n",
+        "test_pins_b.py": "from adamerge.merging import ties_stream  # not ties\nfrom adamerge.merging.ties_stream import x\n",
+        "test_pins_c.py": "import adamerge.merging.ties as t\n",
+        "test_other.py": "from adamerge.merging import ties\n",
+        "test_mapped.py": "nothing named\n",
+    }
+    for name, text in files.items():
+        (tmp_path / "tests" / name).write_text(text)
+    shared = {"*": ["tests/test_pins_*.py"]}
+    module = "adamerge/merging/ties.py"
+    assert run.tests_for(module, shared, tmp_path) == [
+        "tests/test_other.py", "tests/test_pins_a.py", "tests/test_pins_c.py"]
+    mapped = {**shared, module: ["tests/test_mapped.py"]}
+    assert run.tests_for(module, mapped, tmp_path) == ["tests/test_mapped.py", "tests/test_pins_a.py",
+                                                      "tests/test_pins_c.py"]
+    assert run.tests_for("adamerge/merging/ties_stream.py", shared, tmp_path) == ["tests/test_pins_b.py"]
