@@ -164,3 +164,78 @@ def test_ties_stream_reads_every_pass_by_row_blocks_and_equals_the_in_memory_mer
     assert s.reads and all(rows is not None for *_, rows in s.reads)
     # four passes over every block: two for the thresholds, one for the elected signs' total, one to merge
     assert sum(r == ("tv", "a", "w", slice(3, 7)) for r in s.reads) == 4
+
+
+# TSV-M out of core. A fused q;k;v (`in_proj_weight`, [3d, d]) splits into three names, so a loop that stops
+# at the first averaged or zero-rank part (`break` for `continue`) leaves the other two unmerged.
+FUSED = {"blk.attn.in_proj_weight": (12, 4), "blk.attn.in_proj_bias": (12,), "blk.mlp.w": (5, 9)}
+
+
+def _tsv_both(s, **kwargs):
+    got = dict(merge_stream(s, "tsv_m", **kwargs))
+    want = merge_pool(s, "tsv_m", **kwargs)
+    assert list(got) == list(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+    return got
+
+
+def test_tsv_stream_below_rank_one_leaves_theta_0_and_merges_what_follows():
+    """K = 3 tasks: a 2×9 and a 9×2 matrix keep ⌊2/3⌋ = 0 components, so their τ is zero and θ = θ_0; the
+    fused q;k;v of d = 2 has three zero-rank parts in a row and must still fuse all three."""
+    shapes = {"w": (2, 9), "v": (9, 2), "blk.attn.in_proj_weight": (6, 2), "blk.attn.in_proj_bias": (6,),
+              "b": (9,), "m": (4, 5)}
+    s = Stream(shapes)
+    got = _tsv_both(s, lam=0.7)
+    for key in ("w", "v", "blk.attn.in_proj_weight"):
+        torch.testing.assert_close(got[key], s.base[key], rtol=0, atol=0, msg=key)
+    mean_b = torch.stack([s.taus[t]["b"] for t in s.tasks]).mean(0)
+    torch.testing.assert_close(got["b"], s.base["b"] + 0.7 * mean_b)
+    assert not torch.equal(got["m"], s.base["m"])  # ⌊4/3⌋ = 1 component per task: merged, not skipped
+
+
+def test_tsv_stream_zero_rank_tau_is_float32_whatever_the_default_dtype():
+    """The zero τ of a below-rank matrix is float32 (as every merged τ), not the process's default dtype."""
+    from adamerge.merging.tsv_stream import _merged_tau
+
+    s = Stream({"w": (2, 9)})
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tau = _merged_tau(s, s.tasks, "w", lambda name, t: True, True, None)
+    finally:
+        torch.set_default_dtype(before)
+    assert tau.dtype == torch.float32 and tau.shape == (2, 9) and not tau.any()
+
+
+@pytest.mark.parametrize("split_qkv", [True, False])
+def test_tsv_stream_fused_qkv_split_or_whole_equals_the_in_memory_merge(split_qkv):
+    """split_qkv=False takes one SVD of the whole [12, 4] tensor (rank ⌊4/3⌋ = 1 per task); split, each 4×4
+    part keeps 1 too, but the three bases differ, so the two results differ from each other."""
+    s = Stream(FUSED)
+    got = _tsv_both(s, split_qkv=split_qkv)
+    other = dict(merge_stream(s, "tsv_m", split_qkv=not split_qkv))
+    assert not torch.allclose(got["blk.attn.in_proj_weight"], other["blk.attn.in_proj_weight"])
+
+
+def test_tsv_stream_is_svd_merged_sees_the_split_names_and_matrices_only():
+    """Only k is SVD-merged: q and v (matrices the predicate refuses) and the bias parts are averaged; an
+    averaged q first must not stop the loop before k and v. The predicate is asked about matrices only."""
+    asked = []
+
+    def only_k(name, t):
+        asked.append((name, t.dim()))
+        return name.endswith("k_proj.weight")
+
+    s = Stream(FUSED)
+    got = _tsv_both(s, is_svd_merged=only_k)
+    assert asked and all(dim == 2 for _, dim in asked)
+    assert {name for name, _ in asked} >= {"blk.attn.q_proj.weight", "blk.attn.k_proj.weight", "blk.mlp.w"}
+    d = 4
+    mean = torch.stack([s.taus[t]["blk.attn.in_proj_weight"] for t in s.tasks]).mean(0)
+    w, base = got["blk.attn.in_proj_weight"], s.base["blk.attn.in_proj_weight"]
+    for part in (slice(0, d), slice(2 * d, 3 * d)):  # q and v: θ_0 + mean τ
+        torch.testing.assert_close(w[part], base[part] + mean[part])
+    assert not torch.allclose(w[d:2 * d], base[d:2 * d] + mean[d:2 * d])  # k: SVD-merged
+    mean_w = torch.stack([s.taus[t]["blk.mlp.w"] for t in s.tasks]).mean(0)
+    torch.testing.assert_close(got["blk.mlp.w"], s.base["blk.mlp.w"] + mean_w)  # refused by name
