@@ -267,3 +267,32 @@ def test_out_of_core_iso_c_and_ties_thresholds_on_a_gpu(monkeypatch):
     on_gpu.base = {k: v.to(DEVICE) for k, v in s.base.items()}
     on_gpu.taus = {t: {k: v.to(DEVICE) for k, v in d.items()} for t, d in s.taus.items()}
     assert stream_thresholds(on_gpu, ["a", "c"], 0.3) == stream_thresholds(s, ["a", "c"], 0.3)
+
+
+def test_out_of_core_tsv_m_svds_on_device_and_returns_home(monkeypatch):
+    """TSV-M out of core: each task's SVD on ``device`` (else where the stream is), θ back on the stream's
+    device, the zero τ of a below-rank matrix (2×9 with three tasks) made there too."""
+    from test_pins_streams import Stream
+
+    from adamerge.merging import tsv_stream
+
+    seen = []
+    real = tsv_stream.task_components
+    monkeypatch.setattr(tsv_stream, "task_components", lambda m, k: seen.append(m.device.type) or real(m, k))
+    shapes = {"w": (5, 7), "z": (2, 9), "b": (7,)}
+    s = Stream(shapes)
+    want = dict(tsv_stream.tsv_stream(s, s.tasks, lam=0.7))
+    assert seen == ["cpu"] * 3
+    seen.clear()
+    got = dict(tsv_stream.tsv_stream(s, s.tasks, lam=0.7, device="cuda"))
+    assert seen == ["cuda"] * 3
+    on_gpu = Stream(shapes)
+    on_gpu.base = {k: v.to(DEVICE) for k, v in s.base.items()}
+    on_gpu.taus = {t: {k: v.to(DEVICE) for k, v in d.items()} for t, d in s.taus.items()}
+    seen.clear()
+    home = dict(tsv_stream.tsv_stream(on_gpu, on_gpu.tasks, lam=0.7))
+    assert seen == ["cuda"] * 3
+    for key in shapes:
+        assert got[key].device.type == "cpu" and home[key].device.type == "cuda", key
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(home[key].cpu(), want[key], rtol=1e-5, atol=1e-5)
