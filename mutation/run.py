@@ -295,12 +295,17 @@ def summary(rows: dict[str, dict]) -> dict:
 
 def write_record(args: argparse.Namespace, rows: dict[str, dict], start: float) -> Path:
     """benchmarks/results/mutation_<date>[_<label>][_after].json for the modules done so far (written after each
-    module, atomically, so that a run stopped midway leaves the record of what it finished)."""
+    module, atomically, so that a run stopped midway leaves the record of what it finished). Modules of an
+    earlier run into the same record that this run did not measure keep their rows (e.g. the survivors of one
+    module rerun after its pins, then another's)."""
     import mutmut
 
     stamp = datetime.date.today().isoformat()
     suffix = "_after" if args.rerun_survivors else ""
     name = f"mutation_{stamp}{'_' + args.label if args.label else ''}{suffix}.json"
+    out = ROOT / "benchmarks" / "results" / name
+    earlier = json.loads(out.read_text()).get("modules", {}) if out.exists() else {}
+    rows = {**{m: r for m, r in earlier.items() if m not in rows}, **rows}
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "label": args.label,
         "rev": _commit(args.rev) if args.rev else f"work tree on {_commit('HEAD')}", "tool": f"mutmut {mutmut.__version__}",
@@ -308,7 +313,6 @@ def write_record(args: argparse.Namespace, rows: dict[str, dict], start: float) 
         "score": "killed / (checked - equivalent); timeouts count as killed",
         "modules": rows, "overall": summary(rows),
     }
-    out = ROOT / "benchmarks" / "results" / name
     if args.collect_only and out.exists():  # keep what the run itself measured
         old = json.loads(out.read_text())
         record.update({k: old[k] for k in ("date", "wall_s", "max_minutes") if k in old})

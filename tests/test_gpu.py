@@ -296,3 +296,18 @@ def test_out_of_core_tsv_m_svds_on_device_and_returns_home(monkeypatch):
         assert got[key].device.type == "cpu" and home[key].device.type == "cuda", key
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(home[key].cpu(), want[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_causal_lm_entropy_of_gpu_logits_is_computed_and_left_there(positions):
+    """The next-token entropy of logits and a mask on the GPU (padding on both sides) equals the CPU's and stays
+    on the GPU: position and batch indices and the per-prompt sums are made on the inputs' device."""
+    from adamerge.components.causal_lm import next_token_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]])
+    want = next_token_entropy(logits, mask, positions)
+    got = next_token_entropy(logits.to(DEVICE), mask.to(DEVICE), positions)
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ on files written here (mutmut itself is not run: that is the slow, separate job)
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,3 +80,25 @@ def test_shared_pins_join_only_the_modules_they_name(tmp_path):
     assert run.tests_for(module, mapped, tmp_path) == ["tests/test_mapped.py", "tests/test_pins_a.py",
                                                       "tests/test_pins_c.py"]
     assert run.tests_for("adamerge/merging/ties_stream.py", shared, tmp_path) == ["tests/test_pins_b.py"]
+
+
+def test_a_second_run_into_one_record_keeps_the_other_modules_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(run, "_commit", lambda rev: "abc")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+
+    def row(killed, survived):
+        keys = ("mutants", "checked", "killed", "timeout", "survived", "no_tests", "other", "equivalent",
+                "not_checked")
+        r = dict.fromkeys(keys, 0) | {"killed": killed, "survived": survived}
+        r["mutants"] = r["checked"] = killed + survived
+        return r
+
+    args = SimpleNamespace(rerun_survivors=True, label="L", rev=None, max_minutes=1, collect_only=False)
+    run.write_record(args, {"m/a.py": row(8, 2)}, 0.0)
+    out = run.write_record(args, {"m/b.py": row(3, 1)}, 0.0)
+    assert out.name.endswith("_L_after.json")
+    data = json.loads(out.read_text())
+    assert sorted(data["modules"]) == ["m/a.py", "m/b.py"] and data["overall"]["killed"] == 11
+    data = json.loads(run.write_record(args, {"m/a.py": row(10, 0)}, 0.0).read_text())
+    assert data["modules"]["m/a.py"]["killed"] == 10 and data["overall"]["score"] == round(13 / 14, 4)
