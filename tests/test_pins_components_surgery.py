@@ -7,7 +7,12 @@ two blocks, a ``proj`` matrix [4, 3] and no ``output_dim``) whose blocks can be 
 return a tuple; widths 4 and 3 differ, so a message or a shape using the wrong one differs; dim = rank = 1
 are the smallest aligners accepted and 0 is refused on either side; checkpoints of another task list, of
 another version (a key missing) and of a model with a key the checkpoint lacks are refused with different
-messages; a float64 feature through a float32 aligner comes back float64."""
+messages; a float64 feature through a float32 aligner comes back float64.
+
+Later pins (from the mutation run s11a, each checked to fail on its mutant) say in their own docstrings why
+their data were chosen: a transformer without ``batch_first`` (old open_clip), experts without parameters or
+moved to the ``meta`` device (a device move seen without a GPU), hooks that stay dormant outside a surgery
+pass, bfloat16 features, a stacked ``proj`` and the range of the Kaiming-uniform ``W_down``."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from adamerge.components.surgery import (
     layer_alignment_losses,
     transformer_blocks,
 )
+from adamerge.models.pool import ModelPool
 
 
 class _Block(nn.Module):
@@ -228,3 +234,129 @@ def test_expert_features_refuse_an_unrequested_task_and_cache_or_rebuild():
     assert out.final.dtype == torch.float32 and out.blocks == ()
     want = pool.build_encoder(pool.expert_state("task1")).to(torch.bfloat16)(images.bfloat16()).float()
     torch.testing.assert_close(out.final, want)
+
+
+def test_a_transformer_without_batch_first_is_read_as_sequence_first():
+    """Old open_clip (2.0.2, the task_vectors checkpoints) has no ``transformer.batch_first``: absent means
+    sequence-first ``[L, B, D]``. The Toy's tokens are [3, 2, 4]: with the attribute removed the block means
+    are taken over dim 0 (shape [2, 4]), with it they would be over dim 1 ([3, 4]); the batch (3) and the
+    token count (2) differ, so the two readings give different shapes and values."""
+    enc = Toy()
+    del enc.transformer.batch_first
+    blocks, width, batch_first = transformer_blocks(enc)
+    assert batch_first is False and width == 4 and blocks is enc.transformer.resblocks
+    x = _x()
+    out = encode_with_block_means(enc, x)
+    with torch.no_grad():
+        h0 = enc.transformer.resblocks[0](enc.embed(x).reshape(3, 2, 4))
+    assert [m.shape for m in out.blocks] == [(2, 4), (2, 4)]
+    torch.testing.assert_close(out.blocks[0], h0.mean(dim=0))
+
+
+class _BufferOnly(nn.Module):
+    """An encoder with no parameter at all (one float buffer): ``next(parameters())`` has nothing to give."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor([2.0, 3.0]))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class _Lin(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _pool(encoder: nn.Module) -> ModelPool:
+    state = {k: v + 1.0 for k, v in encoder.state_dict().items()}
+    return ModelPool(encoder, {"a": state}, {"a": torch.eye(2)})
+
+
+def test_an_expert_without_parameters_is_returned_as_built():
+    """No parameter means no device to compare: the expert is returned as built (its buffer is θ_0 + 1),
+    not an error from reading the device of a missing first parameter."""
+    experts = ExpertFeatures(_pool(_BufferOnly()), ["a"])
+    enc = experts.encoder("a", torch.device("cpu"))
+    assert isinstance(enc, _BufferOnly) and torch.equal(enc.scale, torch.tensor([3.0, 4.0]))
+    assert experts.encoder("a", torch.device("cpu")) is enc
+
+
+def test_an_expert_is_moved_to_the_device_asked_for():
+    """The meta device differs from the CPU the pool builds on, so the move is observable without a GPU:
+    the cached expert's parameters end up on ``meta`` (moved in place: the same module is returned)."""
+    experts = ExpertFeatures(_pool(_Lin()), ["a"])
+    cpu = experts.encoder("a", torch.device("cpu"))
+    assert cpu.lin.weight.device.type == "cpu"
+    meta = experts.encoder("a", torch.device("meta"))
+    assert meta is cpu and {p.device.type for p in meta.parameters()} == {"meta"}
+    streamed = ExpertFeatures(_pool(_Lin()), ["a"], cache=False).encoder("a", torch.device("meta"))
+    assert {p.device.type for p in streamed.parameters()} == {"meta"}
+
+
+def test_the_block_hooks_are_dormant_outside_forward():
+    """The frozen encoder called by itself (outside ``forward``) runs its own forward unchanged: the hooks
+    only act during a surgery pass. The Toy's first block returns a tuple, which an active hook refuses
+    (TypeError) but the Toy's own forward unpacks: so the plain call works before any pass, after a failed
+    pass and after a successful one, and it records no block mean."""
+    model = SurgeryModel(Toy(tuple_out=True), ["a"], version="v2")
+    x = _x()
+    want = Toy(tuple_out=True)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), want)  # before any pass
+    assert model._recorder.means == [None, None]
+    with pytest.raises(TypeError, match=r"^block 0 returned tuple, expected a token tensor$"):
+        model("a", x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), want)  # after a failed pass
+    model.encoder.transformer.resblocks[0].tuple_out = False
+    assert model("a", x).final.shape == (3, 3)
+    model.encoder.transformer.resblocks[0].tuple_out = True
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder(x), want)  # after a successful pass
+    assert model._recorder.means == [None, None]
+
+
+def test_the_aligner_names_the_last_dimension_and_returns_half_precision_features_as_they_came():
+    """Features [2, 5, 4] into an aligner of width 3: the width named is the last dimension (4), not the
+    token count (5). A bfloat16 feature through a float32 aligner comes back bfloat16 (float64 would not
+    tell: float64 minus a float32 correction is float64 anyway), with the correction rounded to bfloat16
+    before the subtraction."""
+    a = Aligner(3, 2)
+    with pytest.raises(ValueError, match=r"^aligner of width 3 got features of width 4$"):
+        a(torch.zeros(2, 5, 4))
+    with torch.no_grad():
+        a.up.weight.fill_(0.5)
+    z = torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]], dtype=torch.bfloat16)
+    got = a(z)
+    assert got.dtype == torch.bfloat16
+    correction = torch.relu(z.float() @ a.down.weight.t()) @ a.up.weight.t()
+    assert torch.equal(got, z - correction.bfloat16())
+
+
+def test_the_embedding_width_is_the_last_dimension_of_proj():
+    """``x @ proj`` ends in proj's last dimension whatever proj's rank: a [1, 4, 3] proj (a stacked
+    projection) gives width 3, where its second dimension is 4."""
+    enc = Toy()
+    enc.proj = nn.Parameter(torch.randn(1, 4, 3, generator=torch.Generator().manual_seed(3)))
+    model = SurgeryModel(enc, ["a"])
+    assert model.feature_dim == 3 and model.aligners["a"].dim == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model("a", _x()).final, enc(_x()))  # identity at initialisation
+
+
+def test_the_aligner_defaults_to_rank_16_and_draws_down_from_the_linear_layers_range():
+    """Rank 16 by default (the papers' r). W_down is Kaiming-uniform with a = √5, PyTorch's nn.Linear
+    default: U(−1/√d, 1/√d). With d = r = 64 (4096 draws, bound 0.125) the largest |w| is within 4 % of the
+    bound (a miss has probability 0.96^4096 ≈ e^-167; the seed makes it fixed anyway) and never above it:
+    a = 0 (or None, slope 0.01) would draw up to √6/√d ≈ 0.31, a = √6 only up to 0.926/√d ≈ 0.116."""
+    assert Aligner(5).rank == 16 and Aligner(5).down.weight.shape == (16, 5)
+    torch.manual_seed(0)
+    w = Aligner(64, 64).down.weight.detach().abs()
+    assert 0.96 * 0.125 < float(w.max()) <= 0.125
