@@ -20,6 +20,18 @@ from adamerge.models.pool import ModelPool
 # (SVD in OPCM/OptMerge) thrashing on a busy 2-core machine (a 96x32 SVD: 1.2 s with 2 threads, 0.3 ms with 1).
 torch.set_num_threads(1)
 
+# Files whose tests train, kill and resume real runs in subprocesses (most of the suite's time): collected first
+# so that under pytest-xdist (`--dist loadfile`, one file per worker at a time) they start at once on every
+# worker instead of trailing on one while the others idle. The order within each file is kept.
+SLOW_FILES = ("test_reproduce.py", "test_cli_ddp_resume.py", "test_cli_safety.py", "test_gpu_suite.py",
+              "test_demo.py", "test_mini_cache_lock.py", "test_hub_online_errors.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 TINY_VISION = dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0)
 TINY_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
 TINY_EMBED = 16
@@ -82,9 +94,13 @@ def tiny_pool():
 
 @pytest.fixture(scope="session")
 def mini_tiny_cache(tmp_path_factory):
-    """Cache root holding one build of the mini benchmark's ``tiny`` preset (seed 0), shared by the session."""
+    """Cache root holding one build of the mini benchmark's ``tiny`` preset (seed 0), shared by the session.
+    Under pytest-xdist every worker points at one root next to the workers' own temp folders: the build's
+    lock lets one worker build while the others wait, then reuse it (tests/test_mini_cache_lock.py)."""
     from adamerge.data.mini import MiniBenchmark
 
-    root = tmp_path_factory.mktemp("adamerge-cache")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "adamerge-cache"
+    root.mkdir(exist_ok=True)
     MiniBenchmark("tiny", 0, cache_dir=str(root)).build()
     return root
