@@ -7,6 +7,7 @@ Natural Language Supervision", arXiv 2103.00020; Ilharco et al., arXiv 2212.0408
     w_c     = normalize( (1/T) Σ_j e_{c,j} )          head = [w_1; …; w_C]   ∈ R^{C×D}
     logits  = exp(logit_scale) · normalize(f(x)) @ headᵀ
 
+where t_j.format(c) fills a template's first ``{}`` with the class name (other braces stay as written).
 Heads are cached on disk (safetensors) under ``cache_dir/<model fingerprint>/<task>-<prompt hash>``:
 the fingerprint hashes the text tower's weights, the prompt hash the class names and templates, so a
 changed model, class list or template set never reads a stale head.
@@ -108,9 +109,10 @@ def text_tower_fingerprint(clip_model: nn.Module) -> str:
     for name, t in sorted(clip_model.state_dict().items()):
         if name.startswith("visual."):
             continue
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())  # the shape before flattening: 2×3 is not 3×2
+        flat = t.reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 
