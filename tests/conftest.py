@@ -27,6 +27,12 @@ SLOW_FILES = ("test_reproduce.py", "test_cli_ddp_resume.py", "test_cli_safety.py
               "test_demo.py", "test_mini_cache_lock.py", "test_hub_online_errors.py")
 
 
+def pytest_configure(config):
+    # pytest-xdist's loadfile otherwise hands out files by their number of tests, most first, whatever the order
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
