@@ -14,6 +14,8 @@ Score = killed / (checked - equivalent). The table goes to stdout; the record to
 ``benchmarks/results/mutation_<date>[_<label>].json``; the diffs of the survivors to
 ``<workdir>/survivors.txt``. ``--rerun-survivors`` continues a labelled run after tests were written: it copies
 the work tree's tests/ into each scratch tree and reruns only the survivors (record suffix ``_after``).
+``--survivors-of RECORD`` does the same from a record when the scratch trees are gone: a fresh copy of the work
+tree, mutmut run on the record's survivors and unchecked mutants only, the rest taken from the record.
 """
 
 from __future__ import annotations
@@ -175,6 +177,24 @@ def refresh(tree: Path, module: str) -> bool:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, target)
     return True
+
+
+STATUS_CODES = {"killed": 1, "timeout": 36, "survived": 0, "no tests": 33, "other": -11}
+
+
+def record_rows(path: Path) -> tuple[str, dict[str, dict]]:
+    """The commit a record's run mutated (its ``rev``: a commit, or ``work tree on <commit>``) and its rows."""
+    record = json.loads(path.read_text())
+    found = re.search(r"\b[0-9a-f]{7,40}\b", record["rev"])
+    if not found:
+        raise SystemExit(f"{path}: no commit in its rev {record['rev']!r}")
+    return found.group(0), record["modules"]
+
+
+def unchanged_since(module: str, commit: str) -> bool:
+    """Whether the work tree's ``module`` is the one in ``commit`` (its mutants have the same names and diffs)."""
+    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{module}"], check=False, capture_output=True)
+    return shown.returncode == 0 and shown.stdout == (ROOT / module).read_bytes()
 
 
 def run_mutmut(tree: Path, deadline: float, log: Path, mutants: list[str] | None = None) -> bool:
@@ -342,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-survivors", action="store_true",
                     help="in the scratch folders of --label, copy the work tree's tests/ and run only the mutants "
                     "that survived (e.g. after writing tests that pin them); the record gets the suffix _after")
+    ap.add_argument("--survivors-of", type=Path, metavar="RECORD",
+                    help="like --rerun-survivors, from a record (benchmarks/results/mutation_*.json) instead of its "
+                    "scratch folders: a fresh copy of the work tree, mutmut run on the record's survivors and "
+                    "unchecked mutants only, the other results taken from the record; modules default to the "
+                    "record's, a module changed since the record's commit is refused")
     ap.add_argument("--exclude-tests", action="append", default=[], metavar="GLOB",
                     help="leave this test file out, repeatable (e.g. a pins file still being written, whose failing tests "
                     "would stop mutmut's first run)")
@@ -350,7 +375,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.rerun_survivors and (args.rev or args.collect_only or not args.label):
         ap.error("--rerun-survivors needs --label (the run to continue) and goes with neither --rev nor --collect-only")
-    modules = [m.rstrip("/") for m in args.modules] or default_modules()
+    earlier_rows: dict[str, dict] = {}
+    if args.survivors_of:
+        if args.rev or args.collect_only or args.rerun_survivors or not args.label:
+            ap.error("--survivors-of needs a new --label and goes with none of --rev, --collect-only, --rerun-survivors")
+        earlier_commit, earlier_rows = record_rows(args.survivors_of)
+        args.rerun_survivors = True  # the record's suffix, _after
+    modules = [m.rstrip("/") for m in args.modules] or list(earlier_rows) or default_modules()
     for m in modules:
         if not (ROOT / m).is_file() or not m.endswith(".py"):
             ap.error(f"{m}: not a module of this repository (give a path such as adamerge/merging/ties.py)")
@@ -372,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.rerun_survivors and not refresh(tree, module):
                 continue
+        elif args.survivors_of:
+            if module not in earlier_rows or not unchanged_since(module, earlier_commit):
+                print(f"{module}: {'not in ' if module not in earlier_rows else 'changed since '}{args.survivors_of}"
+                      f"{'' if module not in earlier_rows else ' was run'}: run it afresh", file=sys.stderr)
+                continue
+            populate(tree, None)
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
         tests = [t for t in tests_for(module, mapping, tree)
@@ -380,14 +417,28 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{module}: no test file found; add it to mutation/tests.txt", file=sys.stderr)
             continue
         t0 = time.time()
-        survivors = collect(tree, module, equivalent)["survivors"] if args.rerun_survivors else None
+        if args.survivors_of:
+            earlier = {m: STATUS_CODES.get(st) for m, st in earlier_rows[module]["status"].items()}
+            survivors = [m for m, st in earlier_rows[module]["status"].items()
+                         if st in ("survived", "no tests", "not checked") and m not in equivalent]
+            if not survivors:
+                print(f"{module}: nothing survived in {args.survivors_of}", file=sys.stderr)
+                continue
+        elif args.rerun_survivors:
+            survivors = collect(tree, module, equivalent)["survivors"]
+        else:
+            survivors = None
         if args.collect_only or survivors == []:
             finished = None
         else:
             write_config(tree, module, tests)
-            before = exit_codes(tree, module)
+            before = earlier if args.survivors_of else exit_codes(tree, module)
             finished = time.time() < deadline and run_mutmut(tree, deadline, tree / "mutmut.log", survivors)
-            if survivors:  # mutmut keeps only the results of the mutants it was asked to run
+            if survivors and exit_codes(tree, module):  # mutmut keeps only the results of the mutants it ran
+                if args.survivors_of and set(exit_codes(tree, module)) != set(before):
+                    print(f"{module}: its mutants differ from those of {args.survivors_of}: run it afresh",
+                          file=sys.stderr)
+                    continue
                 keep_earlier_results(tree, module, before)
         rows[module] = collect(tree, module, equivalent)
         rows[module].update(tests=tests, wall_s=round(time.time() - t0, 1), finished=finished)

@@ -3,6 +3,7 @@ on files written here (mutmut itself is not run: that is the slow, separate job)
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -102,3 +103,32 @@ def test_a_second_run_into_one_record_keeps_the_other_modules_rows(tmp_path, mon
     assert sorted(data["modules"]) == ["m/a.py", "m/b.py"] and data["overall"]["killed"] == 11
     data = json.loads(run.write_record(args, {"m/a.py": row(10, 0)}, 0.0).read_text())
     assert data["modules"]["m/a.py"]["killed"] == 10 and data["overall"]["score"] == round(13 / 14, 4)
+
+
+def test_a_records_statuses_map_back_to_codes_of_the_same_status():
+    # --survivors-of puts a record's results back as mutmut exit codes; each must read back as the same status
+    for status, code in run.STATUS_CODES.items():
+        assert run.classify(code) == status
+
+
+def test_survivors_of_reads_the_records_commit_and_refuses_a_changed_module(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, text=True)
+    git("init", "-q")
+    (repo / "pkg" / "m.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    commit = git("rev-parse", "--short=12", "HEAD").stdout.strip()
+    record = tmp_path / "r.json"
+    record.write_text(json.dumps({"rev": f"work tree on {commit}", "modules": {"pkg/m.py": {"mutants": 1}}}))
+    monkeypatch.setattr(run, "ROOT", repo)
+    found, rows = run.record_rows(record)
+    assert found == commit and list(rows) == ["pkg/m.py"]
+    assert run.unchanged_since("pkg/m.py", commit)
+    (repo / "pkg" / "m.py").write_text("x = 2\n")  # its mutants would be other mutants
+    assert not run.unchanged_since("pkg/m.py", commit)
+    assert not run.unchanged_since("pkg/absent.py", commit)
+    record.write_text(json.dumps({"rev": "somewhere", "modules": {}}))
+    with pytest.raises(SystemExit, match="no commit"):
+        run.record_rows(record)
