@@ -397,18 +397,24 @@ def main(argv: list[str] | None = None) -> int:
     diffs = []
     for module in modules:
         tree = work / module.replace("/", "_")[: -len(".py")]
-        if args.collect_only or args.rerun_survivors:
+        if args.survivors_of:
+            if module not in earlier_rows or not unchanged_since(module, earlier_commit):
+                print(f"{module}: {'not in ' if module not in earlier_rows else 'changed since '}{args.survivors_of}"
+                      f"{'' if module not in earlier_rows else ' was run'}: run it afresh", file=sys.stderr)
+                continue
+            earlier = {m: STATUS_CODES.get(st) for m, st in earlier_rows[module]["status"].items()}
+            survivors = [m for m, st in earlier_rows[module]["status"].items()
+                         if st in ("survived", "no tests", "not checked") and m not in equivalent]
+            if not survivors:
+                print(f"{module}: nothing survived in {args.survivors_of}", file=sys.stderr)
+                continue
+            populate(tree, None)
+        elif args.collect_only or args.rerun_survivors:
             if not tree.exists():
                 print(f"{module}: no earlier run in {tree}", file=sys.stderr)
                 continue
             if args.rerun_survivors and not refresh(tree, module):
                 continue
-        elif args.survivors_of:
-            if module not in earlier_rows or not unchanged_since(module, earlier_commit):
-                print(f"{module}: {'not in ' if module not in earlier_rows else 'changed since '}{args.survivors_of}"
-                      f"{'' if module not in earlier_rows else ' was run'}: run it afresh", file=sys.stderr)
-                continue
-            populate(tree, None)
         elif not (args.resume and tree.exists()):
             populate(tree, args.rev)
         tests = [t for t in tests_for(module, mapping, tree)
@@ -417,17 +423,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{module}: no test file found; add it to mutation/tests.txt", file=sys.stderr)
             continue
         t0 = time.time()
-        if args.survivors_of:
-            earlier = {m: STATUS_CODES.get(st) for m, st in earlier_rows[module]["status"].items()}
-            survivors = [m for m, st in earlier_rows[module]["status"].items()
-                         if st in ("survived", "no tests", "not checked") and m not in equivalent]
-            if not survivors:
-                print(f"{module}: nothing survived in {args.survivors_of}", file=sys.stderr)
-                continue
-        elif args.rerun_survivors:
-            survivors = collect(tree, module, equivalent)["survivors"]
-        else:
-            survivors = None
+        if not args.survivors_of:  # (with it, survivors and earlier come from the record, above)
+            survivors = collect(tree, module, equivalent)["survivors"] if args.rerun_survivors else None
         if args.collect_only or survivors == []:
             finished = None
         else:
@@ -456,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     for m, r in rows.items():
         if r["listed_equivalent_but_killed"]:
             print(f"warning: {m}: listed in mutation/equivalent.txt but killed: {r['listed_equivalent_but_killed']}")
-    if not args.no_record:
+    if rows and not args.no_record:
         print(f"record: {write_record(args, rows, start)}")
     return 0
 
