@@ -38,8 +38,8 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
-TINY_VISION = dict(image_size=16, patch_size=8, width=32, layers=2, head_width=16, mlp_ratio=2.0)
-TINY_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+TINY_VISION = {"image_size": 16, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 2.0}
+TINY_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 TINY_EMBED = 16
 
 
@@ -82,9 +82,9 @@ def quiet_trainer(tmp_path, **kwargs):
     """A CPU Lightning Trainer for tests: no logger, checkpoints, progress bar, summary or sanity check."""
     import lightning as L
 
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                    num_sanity_val_steps=0)
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": tmp_path,
+                "num_sanity_val_steps": 0}
     return L.Trainer(**{**defaults, **kwargs})
 
 
@@ -110,3 +110,35 @@ def mini_tiny_cache(tmp_path_factory):
     root.mkdir(exist_ok=True)
     MiniBenchmark("tiny", 0, cache_dir=str(root)).build()
     return root
+
+
+# ---- the in-process pins of adamerge.models.hub (tests/test_pins_models_hub*.py; helpers in tests/hub_pins.py)
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache folder, read offline; the cwd is tmp_path (no stray local paths)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # (belt and braces: a closed local port)
+    monkeypatch.chdir(tmp_path)
+    return cache
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records every huggingface_hub.hf_hub_download call (repo_id, filename, revision, repo_type) and serves it
+    from the cache as usual."""
+    import huggingface_hub
+
+    real = huggingface_hub.hf_hub_download
+    calls: list[tuple] = []
+
+    def download(**kw):
+        calls.append((kw["repo_id"], kw["filename"], kw["revision"], kw["repo_type"]))
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return calls
