@@ -47,3 +47,14 @@ def test_nothing_kept_gives_float32_zeros_even_under_a_float64_default(taus):
     assert merged.dtype == torch.float32 and torch.equal(merged, torch.zeros(shape))
     assert len(parts) == len(taus)
     assert all(p.dtype == torch.float32 and torch.equal(p, torch.zeros(shape)) for p in parts)
+
+
+def test_rank_zero_zeros_are_made_on_the_task_vectors_device():
+    """Rank 0 is decided by the shapes alone (⌊min(2, 5) / 3⌋ = 0), so task vectors on the ``meta`` device reach
+    the zeros without any arithmetic: zeros made without the inputs' device would be on the CPU. (The device of
+    the SVD path needs a GPU: tests/test_gpu.py.)"""
+    taus = [torch.empty(2, 5, device="meta") for _ in range(3)]
+    merged = tsv_merge_weight(taus)
+    assert (merged.device.type, merged.shape, merged.dtype) == ("meta", (2, 5), torch.float32)
+    parts = tsv_weight_parts(taus)
+    assert [(p.device.type, p.shape) for p in parts] == [("meta", (2, 5))] * 3
