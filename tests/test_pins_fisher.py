@@ -71,3 +71,13 @@ def test_an_entry_no_expert_has_fisher_for_is_refused_without_a_floor():
                        r"use floor > 0$"):
         fisher_merge(states, fishers, floor=0.0, normalize=False)
     assert bool(fisher_merge(states, fishers, floor=1e-6, normalize=False)["w"].isfinite().all())
+
+
+def test_fishers_are_summed_in_float64_even_when_float32_would_overflow():
+    """Two float32 Fishers at 3e38 (finite: float32's largest is 3.4e38), weighted 1 each: their sum 6e38 is
+    finite in float64 only. Summed in float32 it would be inf and the merge 0 (a finite numerator over inf)."""
+    states = [{"w": torch.tensor([2.0, -1.0])}, {"w": torch.tensor([4.0, 5.0])}]
+    fishers = [{"w": torch.full((2,), 3e38)}, {"w": torch.full((2,), 3e38)}]
+    merged = fisher_merge(states, fishers, coefficients=[1.0, 1.0], normalize=False)
+    assert merged["w"].dtype == torch.float32
+    torch.testing.assert_close(merged["w"], torch.tensor([3.0, 2.0]))
