@@ -147,6 +147,19 @@ def test_consensus_ta_counts_claims_on_the_task_vectors_device():
     torch.testing.assert_close(got["w"].cpu(), consensus_ta(pre, taus)["w"])
 
 
+def test_fisher_merge_brings_cpu_fishers_to_the_experts_device():
+    """Experts on the GPU, their Fishers on the CPU (as a Fisher file loads): each Fisher goes to its expert's
+    device, and the merge there equals the all-CPU one."""
+    from adamerge.merging.fisher import fisher_merge
+
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(4, 3, generator=g)} for _ in range(2)]
+    fishers = [{"w": torch.rand(4, 3, generator=g) + 0.1} for _ in range(2)]
+    got = fisher_merge([{k: v.to(DEVICE) for k, v in s.items()} for s in states], fishers)
+    assert got["w"].device.type == "cuda"
+    torch.testing.assert_close(got["w"].cpu(), fisher_merge(states, fishers)["w"])
+
+
 def test_wudi_returns_each_merged_tensor_to_theta0s_device():
     """θ_0 on the CPU, task vectors on the GPU: the optimised and the averaged keys come back to θ_0's device
     (add_task_vector adds them there) and equal the all-CPU merge."""
