@@ -198,13 +198,14 @@ class ShardedWriter:
         folder: an existing (temporary) folder.
         max_shard_bytes: a shard is written when adding a tensor would take it past this size (a
             tensor larger than it gets a shard of its own).
-        metadata: safetensors header metadata of every shard (``{"format": "pt"}`` is always set).
+        metadata: safetensors header metadata of every shard; ``"format"`` is always ``"pt"``, whatever
+            this says, so that transformers loads the shards as PyTorch weights.
     """
 
     def __init__(self, folder: Path, max_shard_bytes: int, metadata: dict[str, str] | None = None) -> None:
         self.folder = Path(folder)
         self.max_shard_bytes = int(max_shard_bytes)
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {**(metadata or {}), "format": "pt"}  # transformers loads only "pt" (or tf/flax/mlx)
         self._pending: dict[str, Tensor] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
