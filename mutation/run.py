@@ -14,8 +14,9 @@ Score = killed / (checked - equivalent). The table goes to stdout; the record to
 ``benchmarks/results/mutation_<date>[_<label>].json``; the diffs of the survivors to
 ``<workdir>/survivors.txt``. ``--rerun-survivors`` continues a labelled run after tests were written: it copies
 the work tree's tests/ into each scratch tree and reruns only the survivors (record suffix ``_after``).
-``--survivors-of RECORD`` does the same from a record when the scratch trees are gone: a fresh copy of the work
-tree, mutmut run on the record's survivors and unchecked mutants only, the rest taken from the record.
+``--survivors-of RECORD`` does the same from a record when the scratch trees are gone: a fresh copy of HEAD
+(commit the new tests first), mutmut run on the record's survivors and unchecked mutants only, the rest taken from
+the record.
 """
 
 from __future__ import annotations
@@ -191,10 +192,11 @@ def record_rows(path: Path) -> tuple[str, dict[str, dict]]:
     return found.group(0), record["modules"]
 
 
-def unchanged_since(module: str, commit: str) -> bool:
-    """Whether the work tree's ``module`` is the one in ``commit`` (its mutants have the same names and diffs)."""
-    shown = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{module}"], check=False, capture_output=True)
-    return shown.returncode == 0 and shown.stdout == (ROOT / module).read_bytes()
+def unchanged_since(module: str, commit: str, rev: str = "HEAD") -> bool:
+    """Whether ``module`` at ``rev`` is the one in ``commit`` (its mutants have the same names and diffs)."""
+    shown = [subprocess.run(["git", "-C", str(ROOT), "show", f"{c}:{module}"], check=False, capture_output=True)
+             for c in (commit, rev)]
+    return all(s.returncode == 0 for s in shown) and shown[0].stdout == shown[1].stdout
 
 
 def run_mutmut(tree: Path, deadline: float, log: Path, mutants: list[str] | None = None) -> bool:
@@ -364,9 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                     "that survived (e.g. after writing tests that pin them); the record gets the suffix _after")
     ap.add_argument("--survivors-of", type=Path, metavar="RECORD",
                     help="like --rerun-survivors, from a record (benchmarks/results/mutation_*.json) instead of its "
-                    "scratch folders: a fresh copy of the work tree, mutmut run on the record's survivors and "
-                    "unchecked mutants only, the other results taken from the record; modules default to the "
-                    "record's, a module changed since the record's commit is refused")
+                    "scratch folders: a fresh copy of HEAD (commit the new tests first), mutmut run on the record's "
+                    "survivors and unchecked mutants only, the other results taken from the record; modules default "
+                    "to the record's, a module changed since the record's commit is refused")
     ap.add_argument("--exclude-tests", action="append", default=[], metavar="GLOB",
                     help="leave this test file out, repeatable (e.g. a pins file still being written, whose failing tests "
                     "would stop mutmut's first run)")
@@ -408,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             if not survivors:
                 print(f"{module}: nothing survived in {args.survivors_of}", file=sys.stderr)
                 continue
-            populate(tree, None)
+            populate(tree, "HEAD")  # committed tests only: the work tree may hold edits under way
         elif args.collect_only or args.rerun_survivors:
             if not tree.exists():
                 print(f"{module}: no earlier run in {tree}", file=sys.stderr)

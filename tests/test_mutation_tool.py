@@ -126,7 +126,9 @@ def test_survivors_of_reads_the_records_commit_and_refuses_a_changed_module(tmp_
     found, rows = run.record_rows(record)
     assert found == commit and list(rows) == ["pkg/m.py"]
     assert run.unchanged_since("pkg/m.py", commit)
-    (repo / "pkg" / "m.py").write_text("x = 2\n")  # its mutants would be other mutants
+    (repo / "pkg" / "m.py").write_text("x = 2\n")  # an edit under way in the work tree: HEAD is what runs
+    assert run.unchanged_since("pkg/m.py", commit)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "two")  # its mutants would be others
     assert not run.unchanged_since("pkg/m.py", commit)
     assert not run.unchanged_since("pkg/absent.py", commit)
     record.write_text(json.dumps({"rev": "somewhere", "modules": {}}))

@@ -355,6 +355,14 @@ def test_hub_tag_weights_a_named_file_alone(tags):
     assert hub_tag_weights("M", "file-tag") == _snap(tags, "org/tagrepo") + "/pytorch_model.bin"
 
 
+def test_hub_tag_weights_without_open_clips_safe_alternatives(tags, monkeypatch):
+    """An open_clip without ``pretrained._get_safe_alternatives`` (older releases): the named file alone is
+    fetched, though a safetensors alternative is cached too."""
+    monkeypatch.delattr(open_clip.pretrained, "_get_safe_alternatives")
+    cache_repo(tags, "org/tagrepo", {"pytorch_model.safetensors": b"st", "pytorch_model.bin": b"pt"})
+    assert hub_tag_weights("M", "file-tag") == _snap(tags, "org/tagrepo") + "/pytorch_model.bin"
+
+
 def test_hub_tag_weights_a_folder_uses_open_clips_file_names(tags):
     cache_repo(tags, "org/tagdir", {"open_clip_model.safetensors": b"st", "open_clip_pytorch_model.bin": b"pt"})
     assert hub_tag_weights("M", "dir-tag") == _snap(tags, "org/tagdir") + "/open_clip_model.safetensors"

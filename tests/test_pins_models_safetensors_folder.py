@@ -63,7 +63,8 @@ def test_resolve_folder_local_file_missing_and_hub(tmp_path, monkeypatch):
     (tmp_path / "w.safetensors").write_bytes(b"x")
     with pytest.raises(FolderError) as info:
         resolve_folder(tmp_path / "w.safetensors", "L")
-    assert str(info.value) == f"L: {tmp_path / 'w.safetensors'} is a file; name the model's folder (config.json + safetensors)"
+    assert str(info.value) == (f"L: {tmp_path / 'w.safetensors'} is a file; name the model's folder "
+                               "(config.json + safetensors)")
     with pytest.raises(FolderError) as info:
         resolve_folder(tmp_path / "a" / "b" / "c", "L")
     assert str(info.value) == f"L: no folder {tmp_path / 'a' / 'b' / 'c'} (and it is no Hub id org/name)"
@@ -92,7 +93,8 @@ def test_header_reads_names_and_drops_the_metadata(tmp_path):
 @pytest.mark.parametrize(("header", "length", "why"), [
     (b"{}", 100_000_001, "ValueError: header length beyond 100 MB"),
     (b"{\"a\":", None, "JSONDecodeError: Expecting value: line 1 column 6 (char 5)"),
-    (b"{\"\x80\": 1}", None, "UnicodeDecodeError: 'utf-8' codec can't decode byte 0x80 in position 2: invalid start byte"),
+    (b"{\"\x80\": 1}", None,
+     "UnicodeDecodeError: 'utf-8' codec can't decode byte 0x80 in position 2: invalid start byte"),
 ])
 def test_header_unreadable(tmp_path, header, length, why):
     path = _raw(tmp_path / "bad.safetensors", header, length)
@@ -234,7 +236,8 @@ def test_one_shard_is_model_safetensors_without_an_index(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
     assert _metadata(tmp_path / "model.safetensors") == {"format": "pt", "method": "ties"}
     m = SafetensorsFolder(tmp_path, "L")
-    assert torch.equal(m.get("t"), torch.arange(6.0).reshape(2, 3).t()) and torch.equal(m.get("g"), torch.full((2, 3), 2.0))
+    assert torch.equal(m.get("t"), torch.arange(6.0).reshape(2, 3).t())
+    assert torch.equal(m.get("g"), torch.full((2, 3), 2.0))
     assert writer.total_bytes == 48
 
 
