@@ -147,6 +147,23 @@ def test_consensus_ta_counts_claims_on_the_task_vectors_device():
     torch.testing.assert_close(got["w"].cpu(), consensus_ta(pre, taus)["w"])
 
 
+@pytest.mark.parametrize("merge", ["sum", "mean"])
+def test_in_memory_ties_on_the_gpu_equals_the_cpu(merge):
+    """TIES in memory with everything on the GPU: its thresholds, elected signs and disjoint merge work on
+    buffers made on the task vectors' device (the chunked passes), and the result equals the CPU one."""
+    from adamerge.merging.ties import ties_merge
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(7, 5, generator=g), "b": torch.randn(9, generator=g)}
+    taus = [{k: torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    want = ties_merge(pre, taus, keep=0.3, merge=merge)
+    got = ties_merge({k: v.to(DEVICE) for k, v in pre.items()},
+                     [{k: v.to(DEVICE) for k, v in t.items()} for t in taus], keep=0.3, merge=merge)
+    for key, value in got.items():
+        assert value.device.type == "cuda", key
+        torch.testing.assert_close(value.cpu(), want[key], rtol=1e-5, atol=1e-6)
+
+
 def test_fisher_merge_brings_cpu_fishers_to_the_experts_device():
     """Experts on the GPU, their Fishers on the CPU (as a Fisher file loads): each Fisher goes to its expert's
     device, and the merge there equals the all-CPU one."""
