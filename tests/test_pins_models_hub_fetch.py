@@ -173,23 +173,20 @@ def test_single_safetensors_the_one_file(hub):
     assert _single_safetensors("org/exp", None, "LBL") == _snap(hub, "org/exp") + "/sub/w.safetensors"
 
 
-def test_single_safetensors_several(hub):
-    _export_repo(hub)
-    e = _raises(_single_safetensors, "org/exp", "v1", "LBL")
-    assert str(e) == (f"LBL: no checkpoint: the Hugging Face cache ({hub}) holds no config.json (HF model), no "
-                      "open_clip_config.json (open_clip model) and 2 .safetensors files (a.safetensors, "
-                      "b.safetensors) (HF_HUB_OFFLINE=1: if the repository has more, fetch it where there is "
-                      "network: `hf download org/exp --revision v1`); download the one you mean (`hf download "
-                      "org/exp --revision v1 FILE`) and pass its path")
+_NO_CHECKPOINT = ("LBL: no checkpoint: the Hugging Face cache ({hub}) holds no config.json (HF model), no "
+                  "open_clip_config.json (open_clip model) and {found} (HF_HUB_OFFLINE=1: if the repository has "
+                  "more, fetch it where there is network: `hf download org/exp --revision {rev}`); {then}")
 
 
-def test_single_safetensors_none(hub):
+@pytest.mark.parametrize(("rev", "found", "then"), [
+    ("v1", "2 .safetensors files (a.safetensors, b.safetensors)",
+     "download the one you mean (`hf download org/exp --revision v1 FILE`) and pass its path"),
+    ("v2", "no .safetensors file", "name a repository holding an HF, open_clip or adamerge checkpoint"),
+], ids=["several", "none"])
+def test_single_safetensors_several_or_none(hub, rev, found, then):
     _export_repo(hub)
-    e = _raises(_single_safetensors, "org/exp", "v2", "LBL")
-    assert str(e) == (f"LBL: no checkpoint: the Hugging Face cache ({hub}) holds no config.json (HF model), no "
-                      "open_clip_config.json (open_clip model) and no .safetensors file (HF_HUB_OFFLINE=1: if the "
-                      "repository has more, fetch it where there is network: `hf download org/exp --revision v2`); "
-                      "name a repository holding an HF, open_clip or adamerge checkpoint")
+    e = _raises(_single_safetensors, "org/exp", rev, "LBL")
+    assert str(e) == _NO_CHECKPOINT.format(hub=hub, found=found, rev=rev, then=then)
 
 
 def test_single_safetensors_online(hub, monkeypatch, spy):
