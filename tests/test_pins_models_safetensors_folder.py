@@ -264,7 +264,8 @@ def test_shards_split_where_the_limit_is_passed_and_the_index_names_them(tmp_pat
     index = json.loads((tmp_path / INDEX).read_text(encoding="utf-8"))
     assert index == {"metadata": {"total_size": 44}, "weight_map": {
         "a": names[0], "b": names[0], "c": names[1], "d": names[2], "e": names[3]}}
-    assert (tmp_path / INDEX).read_text(encoding="utf-8").endswith("\n")
+    # written as transformers writes it: two-space indent and a final newline
+    assert (tmp_path / INDEX).read_text(encoding="utf-8") == json.dumps(index, indent=2) + "\n"
     assert _metadata(tmp_path / names[0]) == {"format": "pt"}  # "format": "pt" always, whatever the caller says
     assert SafetensorsFolder(tmp_path, "L").keys() == list(sizes)
 
@@ -278,5 +279,10 @@ def test_make_room_flushes_only_what_is_pending_and_would_overflow(tmp_path):
     assert list(tmp_path.iterdir()) == []
     writer.make_room(5)
     assert [p.name for p in tmp_path.iterdir()] == [".shard-00000.safetensors"]
-    writer.add("b", torch.zeros(2))
+    writer.add("b", torch.zeros(1))
+    writer.add("c", torch.zeros(1))  # after a flush the count starts again at 0: 4 + 4 = 8 fills the shard
     assert [p.name for p in writer.close()] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert SafetensorsFolder(tmp_path, "L").keys() == ["a", "b", "c"]
+    index = json.loads((tmp_path / INDEX).read_text(encoding="utf-8"))
+    assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                                   "c": "model-00002-of-00002.safetensors"}
