@@ -134,3 +134,27 @@ def test_survivors_of_reads_the_records_commit_and_refuses_a_changed_module(tmp_
     record.write_text(json.dumps({"rev": "somewhere", "modules": {}}))
     with pytest.raises(SystemExit, match="no commit"):
         run.record_rows(record)
+
+
+def test_overall_takes_each_modules_latest_record_and_todays_equivalents(tmp_path, monkeypatch):
+    spec2 = importlib.util.spec_from_file_location("mutation_overall", ROOT / "mutation" / "overall.py")
+    overall = importlib.util.module_from_spec(spec2)
+    spec2.loader.exec_module(overall)
+
+    def record(name, date, modules):
+        (tmp_path / f"mutation_{name}.json").write_text(json.dumps({"date": date, "modules": modules}))
+
+    first = {"m/a.py": {"mutants": 3, "status": {"a1": "killed", "a2": "survived", "a3": "survived"}},
+             "m/b.py": {"mutants": 2, "status": {"b1": "killed", "b2": "no tests"}}}
+    record("z_first", "2026-01-01T10:00:00", first)  # named after the rerun but written before it
+    record("a_rerun", "2026-01-02T10:00:00", {"m/a.py": {"status": {"a1": "killed", "a2": "killed",
+                                                                    "a3": "survived"}}})
+    record("old", "2025-12-31T10:00:00", {"m/b.py": {"status": {"b1": "killed", "b2": "killed"}}})
+    record("empty", "2026-01-03T10:00:00", {"m/b.py": {"mutants": 0, "status": {}}})  # a run stopped before mutmut
+    latest = overall.latest_rows(tmp_path)
+    assert {m: name for m, (name, _) in latest.items()} == {"m/a.py": "mutation_a_rerun.json",
+                                                            "m/b.py": "mutation_z_first.json"}
+    a = overall.rescore(latest["m/a.py"][1], {"a3": "why"})
+    assert (a["killed"], a["equivalent"], a["survived"], a["score"]) == (2, 1, 0, 1.0)
+    b = overall.rescore(latest["m/b.py"][1], {})
+    assert (b["killed"], b["no_tests"], b["survivors"], b["score"]) == (1, 1, ["b2"], 0.5)
