@@ -142,3 +142,17 @@ def spy(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     return calls
+
+
+@pytest.fixture
+def c_locale():
+    """LC_CTYPE set to C (ASCII) for one test: a file read or written without ``encoding="utf-8"`` then fails on
+    non-ASCII text (Python's UTF-8 mode, PYTHONUTF8=1, would hide that: the test then passes and proves less)."""
+    import locale
+
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)

@@ -25,7 +25,6 @@ Why the data disagree with the plausible wrong versions:
 from __future__ import annotations
 
 import json
-import locale
 import re
 from pathlib import Path
 
@@ -324,14 +323,6 @@ def test_the_pending_shard_is_written_before_a_tensor_that_will_not_fit(zoo, tmp
     write_folder(pool, merged(), tmp_path / "out", "card", {}, dtype=dtype, max_shard_size=limit, progress=False)
     assert seen == {k: want[k] for k in pool.merge_keys()}
     assert len(list((tmp_path / "out").glob("*.safetensors"))) == shards + 1
-
-
-@pytest.fixture
-def c_locale():
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    yield
-    locale.setlocale(locale.LC_CTYPE, old)
 
 
 def test_the_model_card_is_utf8_whatever_the_locale(zoo, tmp_path, c_locale):

@@ -251,6 +251,12 @@ def test_hub_open_clip_config_reads_the_config(hub):
     assert hub_open_clip_config("org/oc@v1", label="LBL") == OC_CONFIG
 
 
+def test_hub_open_clip_config_is_read_as_utf8_whatever_the_locale(hub, c_locale):
+    config = {**OC_CONFIG, "note": "café"}
+    cache_repo(hub, "org/ocu", {"open_clip_config.json": json.dumps(config, ensure_ascii=False).encode("utf-8")})
+    assert hub_open_clip_config("org/ocu") == config
+
+
 def test_hub_open_clip_config_offline_missing_is_passed_on(hub):
     """Offline, a config the cache lacks is said as such (not "not an open_clip repository")."""
     _open_clip_repo(hub)

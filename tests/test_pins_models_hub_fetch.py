@@ -46,6 +46,12 @@ def test_shards_sorted_unique(tmp_path):
     assert _shards(str(index), "LBL") == ["s-1.st", "s-2.st"]
 
 
+def test_shards_reads_the_index_as_utf8_whatever_the_locale(tmp_path, c_locale):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"é": "s-1.st"}}, ensure_ascii=False), encoding="utf-8")
+    assert _shards(str(index), "LBL") == ["s-1.st"]
+
+
 @pytest.mark.parametrize(("data", "why"), [
     (b"{", "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
     (b'{"metadata": {}}', "KeyError: 'weight_map'"),

@@ -23,7 +23,6 @@ Errors are compared whole (label, path, tensor and module names).
 from __future__ import annotations
 
 import json
-import locale
 import math
 import re
 
@@ -197,14 +196,6 @@ def test_rslora_with_rank_and_alpha_patterns(tmp_path, base):
     folder = _adapter(tmp_path / "p", {"model.layers.0.v.lora_A.weight": a, "model.layers.0.v.lora_B.weight": b}, cfg)
     got = LoraExpert(folder, base[0], LABEL).delta("model.layers.0.v.weight")
     torch.testing.assert_close(got, (6 / math.sqrt(2)) * b @ a, rtol=0, atol=1e-5)
-
-
-@pytest.fixture
-def c_locale():
-    old = locale.setlocale(locale.LC_CTYPE)
-    locale.setlocale(locale.LC_CTYPE, "C")
-    yield
-    locale.setlocale(locale.LC_CTYPE, old)
 
 
 def test_the_config_is_read_as_utf8_whatever_the_locale(tmp_path, base, c_locale):

@@ -286,3 +286,9 @@ def test_make_room_flushes_only_what_is_pending_and_would_overflow(tmp_path):
     index = json.loads((tmp_path / INDEX).read_text(encoding="utf-8"))
     assert index["weight_map"] == {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
                                    "c": "model-00002-of-00002.safetensors"}
+
+
+def test_config_is_read_as_utf8_whatever_the_locale(tmp_path, c_locale):
+    folder = _folder(tmp_path, {"model.safetensors": {"w": torch.zeros(1)}})
+    (folder / "config.json").write_text('{"name": "café"}', encoding="utf-8")
+    assert SafetensorsFolder(folder, "L").config() == {"name": "café"}
