@@ -164,6 +164,17 @@ def test_in_memory_ties_on_the_gpu_equals_the_cpu(merge):
         torch.testing.assert_close(value.cpu(), want[key], rtol=1e-5, atol=1e-6)
 
 
+def test_sharded_writer_takes_gpu_tensors_home(tmp_path):
+    """A merge computed on the GPU is written as it comes: the writer moves each tensor to the CPU first."""
+    from adamerge.models.safetensors_folder import SafetensorsFolder, ShardedWriter
+
+    w = torch.arange(6.0).reshape(2, 3)
+    writer = ShardedWriter(tmp_path, max_shard_bytes=1 << 20)
+    writer.add("w", w.to(DEVICE))
+    assert writer.close() == [tmp_path / "model.safetensors"]
+    assert torch.equal(SafetensorsFolder(tmp_path, "L").get("w"), w)
+
+
 def test_fisher_merge_brings_cpu_fishers_to_the_experts_device():
     """Experts on the GPU, their Fishers on the CPU (as a Fisher file loads): each Fisher goes to its expert's
     device, and the merge there equals the all-CPU one."""

@@ -109,6 +109,10 @@ def test_header_cut_short_and_missing(tmp_path):
         _header(tmp_path / "short.safetensors")
     with pytest.raises(FolderError, match=r"absent.safetensors: not a readable safetensors file \(FileNotFoundError"):
         _header(tmp_path / "absent.safetensors")
+    # the length is unsigned: 2**63 + 2 read as signed would be negative, pass the check and read the rest
+    path = _raw(tmp_path / "huge.safetensors", b"{}", 2**63 + 2)
+    with pytest.raises(FolderError, match=r"huge.safetensors: not a readable safetensors file \(ValueError: header "):
+        _header(path)
     # exactly 100 MB is allowed: the length check is on the declared length, the JSON then fails on its own
     path = _raw(tmp_path / "big.safetensors", b"{}", 100_000_000)
     assert _header(path) == {}
@@ -292,3 +296,13 @@ def test_config_is_read_as_utf8_whatever_the_locale(tmp_path, c_locale):
     folder = _folder(tmp_path, {"model.safetensors": {"w": torch.zeros(1)}})
     (folder / "config.json").write_text('{"name": "café"}', encoding="utf-8")
     assert SafetensorsFolder(folder, "L").config() == {"name": "café"}
+
+
+def test_the_index_is_read_as_utf8_whatever_the_locale_and_the_default_label(tmp_path, c_locale):
+    folder = _folder(tmp_path, {"s-1.safetensors": {"é": torch.zeros(1)}}, None)
+    (folder / INDEX).write_text(json.dumps({"weight_map": {"é": "s-1.safetensors"}}, ensure_ascii=False),
+                                encoding="utf-8")
+    assert SafetensorsFolder(folder).keys() == ["é"]
+    with pytest.raises(FolderError) as info:
+        SafetensorsFolder(folder).get("nope")
+    assert str(info.value) == f"model: {folder} has no tensor 'nope'"  # the default label
