@@ -25,12 +25,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_tiny_clip, make_tiny_pool
-from test_systems_statistics import add_grams, block_inputs, means
+from test_systems_statistics import plus_plus_reference
 from torch import nn
 
 from adamerge.merging import MergeError
-from adamerge.merging.regmean import regmean_merge, regmean_solve
-from adamerge.merging.task_vectors import linear_combination
+from adamerge.merging.regmean import regmean_merge
 from adamerge.models.pool import ModelPool
 from adamerge.systems.regmean import RegMean, linear_layers
 
@@ -195,30 +194,6 @@ def test_plus_plus_names_the_task_of_a_block_layer_that_never_runs():
     with pytest.raises(RuntimeError, match=r"^RegMean: layer 'transformer\.resblocks\.1\.extra\.weight' never ran in "
                                            r"expert 'task0''s forward; leave it out with the layers option$"):
         system.merged_state_dict()
-
-
-def plus_plus_reference(p: ModelPool, batches: list[dict[str, torch.Tensor]], alpha: float) -> dict:
-    """RegMean++ written out: the average's stem, then block by block the experts' Grams on the merged
-    model's tokens (tests/test_systems_statistics.py's hand-written block inputs)."""
-    states = [p.expert_state(t) for t in p.tasks]
-    merged = linear_combination(states, [1 / len(states)] * len(states))
-    enc = p.build_encoder(merged)
-    experts = [p.build_encoder(s) for s in states]
-    with torch.no_grad():
-        tokens = {t: [enc._embeds(b[t]) for b in batches] for t in p.tasks}
-        for i, block in enumerate(enc.transformer.resblocks):
-            prefix = f"transformer.resblocks.{i}."
-            grams = []
-            for t, expert in zip(p.tasks, experts):
-                g: dict = {}
-                for x in tokens[t]:
-                    add_grams(g, prefix, block_inputs(expert.transformer.resblocks[i], x)[0])
-                grams.append(means(g))
-            for key in grams[0]:
-                merged[key] = regmean_solve([s[key] for s in states], [g[key] for g in grams], alpha)
-            enc.load_state_dict(merged)
-            tokens = {t: [block(x) for x in xs] for t, xs in tokens.items()}
-    return merged
 
 
 def sequence_first(p: ModelPool) -> ModelPool:

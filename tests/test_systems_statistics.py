@@ -155,16 +155,15 @@ def test_attention_context_is_what_out_proj_receives():
         torch.testing.assert_close(nn.functional.linear(ctx, attn.out_proj.weight, attn.out_proj.bias), out)
 
 
-def test_regmean_plus_plus_takes_each_blocks_inputs_from_the_merged_model(tmp_path):
-    p = pool()
-    system = RegMean(p, alpha=0.95, plus_plus=True)
-    _, seen, _ = run(system, steps=2, tmp_path=tmp_path)
+def plus_plus_reference(p: ModelPool, batches: list[dict[str, torch.Tensor]], alpha: float) -> dict:
+    """RegMean++ written out: the average's stem, then block by block the experts' Grams on the merged
+    model's tokens (the hand-written block inputs above)."""
     states = [p.expert_state(t) for t in p.tasks]
-    merged = linear_combination(states, [1 / 3] * 3)
-    enc = p.build_encoder(merged)  # the average: its stem is RegMean++'s
+    merged = linear_combination(states, [1 / len(states)] * len(states))
+    enc = p.build_encoder(merged)
     experts = [p.build_encoder(s) for s in states]
     with torch.no_grad():
-        tokens = {t: [enc._embeds(b[t]) for b in seen] for t in p.tasks}
+        tokens = {t: [enc._embeds(b[t]) for b in batches] for t in p.tasks}
         for i, block in enumerate(enc.transformer.resblocks):
             prefix = f"transformer.resblocks.{i}."
             grams = []
@@ -174,9 +173,17 @@ def test_regmean_plus_plus_takes_each_blocks_inputs_from_the_merged_model(tmp_pa
                     add_grams(g, prefix, block_inputs(expert.transformer.resblocks[i], x)[0])
                 grams.append(means(g))
             for key in grams[0]:
-                merged[key] = regmean_solve([s[key] for s in states], [g[key] for g in grams], 0.95)
+                merged[key] = regmean_solve([s[key] for s in states], [g[key] for g in grams], alpha)
             enc.load_state_dict(merged)
             tokens = {t: [block(x) for x in xs] for t, xs in tokens.items()}
+    return merged
+
+
+def test_regmean_plus_plus_takes_each_blocks_inputs_from_the_merged_model(tmp_path):
+    p = pool()
+    system = RegMean(p, alpha=0.95, plus_plus=True)
+    _, seen, _ = run(system, steps=2, tmp_path=tmp_path)
+    merged = plus_plus_reference(p, seen, alpha=0.95)
     got = system.merged_state_dict()
     for key, value in merged.items():
         torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5)
