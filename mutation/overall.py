@@ -40,21 +40,9 @@ def latest_rows(results: Path) -> dict[str, tuple[str, dict]]:
 
 
 def rescore(row: dict, equivalent: dict[str, str]) -> dict:
-    """A record's row counted again from its statuses with the given equivalents."""
-    status = row.get("status", {})
-    survivors = [m for m, s in status.items() if s in ("survived", "no tests")]
-    eq = [m for m in survivors if m in equivalent]
-    checked = sum(s != "not checked" for s in status.values())
-    killed = sum(s in ("killed", "timeout") for s in status.values())
-    denominator = checked - len(eq)
-    return {
-        "mutants": len(status), "checked": checked, "killed": killed,
-        "timeout": sum(s == "timeout" for s in status.values()), "survived": len(survivors) - len(eq),
-        "no_tests": sum(s == "no tests" for s in status.values()), "other": sum(s == "other" for s in status.values()),
-        "equivalent": len(eq), "not_checked": len(status) - checked,
-        "score": round(killed / denominator, 4) if denominator else None,
-        "survivors": [m for m in survivors if m not in equivalent],
-    }
+    """A record's row counted again from its statuses with the given equivalents (statuses left out)."""
+    scored = run.score(row.get("status", {}), equivalent)
+    return {k: v for k, v in scored.items() if k != "status"}
 
 
 def main() -> int:

@@ -254,8 +254,12 @@ def keep_earlier_results(tree: Path, module: str, before: dict[str, int | None])
 
 
 def collect(tree: Path, module: str, equivalent: dict[str, str]) -> dict:
-    codes = exit_codes(tree, module)
-    status = {m: classify(c) for m, c in sorted(codes.items())}
+    """The counts of ``module``'s mutants in ``tree`` (:func:`score` of their statuses)."""
+    return score({m: classify(c) for m, c in sorted(exit_codes(tree, module).items())}, equivalent)
+
+
+def score(status: dict[str, str], equivalent: dict[str, str]) -> dict:
+    """Counts and score of per-mutant statuses (what :func:`classify` says), ``equivalent`` left out."""
     count = {s: sum(v == s for v in status.values()) for s in
              ("killed", "timeout", "survived", "no tests", "other", "not checked")}
     survivors = [m for m, s in status.items() if s in ("survived", "no tests")]
